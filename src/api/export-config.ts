@@ -1,0 +1,39 @@
+import { createHash } from 'node:crypto';
+import type { ImageFormat, ServerKind } from './types.js';
+
+/**
+ * What a server needs to serve one export: derived by the planner from a valid spec
+ * whose paths have been resolved and checked. Servers never see a raw spec.
+ */
+export interface ExportConfig {
+  exportName: string;
+  server: ServerKind;
+  /** Real path (symlinks resolved) of the image file or block device. */
+  path: string;
+  /** Format the server decodes: block devices are raw. */
+  format: ImageFormat;
+  blockDevice: boolean;
+  readOnly: boolean;
+  maxConnections: number;
+  /** Validated CIDRs; empty allows every client. */
+  allowedClients: string[];
+}
+
+/**
+ * A stable digest of everything that changes how an export is served. Servers record it
+ * next to what they serve, so the planner can tell "served as specified" from "served
+ * with an older configuration" without parsing server-specific config back.
+ */
+export function fingerprintOf(config: ExportConfig): string {
+  const canonical = JSON.stringify([
+    config.exportName,
+    config.server,
+    config.path,
+    config.format,
+    config.blockDevice,
+    config.readOnly,
+    config.maxConnections,
+    [...config.allowedClients].sort(),
+  ]);
+  return createHash('sha256').update(canonical).digest('hex').slice(0, 16);
+}

@@ -1,0 +1,115 @@
+/**
+ * The NbdExport resource (group nbd.dev, version v1alpha1), as TypeScript types.
+ * The CRD in crds/ is the schema's source of truth; test/unit/api/crd-agreement.test.ts
+ * keeps these types, the validation in validate-spec.ts and the CRD in step.
+ */
+
+export const API_GROUP = 'nbd.dev';
+export const API_VERSION = 'v1alpha1';
+export const API_GROUP_VERSION = `${API_GROUP}/${API_VERSION}`;
+export const KIND = 'NbdExport';
+export const PLURAL = 'nbdexports';
+/** Guards node-side cleanup: removed only after the node no longer serves the export. */
+export const FINALIZER = 'nbd.dev/node-cleanup';
+
+export type ImageFormat = 'qcow2' | 'raw';
+export const IMAGE_FORMATS: readonly ImageFormat[] = ['qcow2', 'raw'];
+
+export type Preallocation = 'off' | 'metadata' | 'falloc' | 'full';
+export const PREALLOCATIONS: readonly Preallocation[] = ['off', 'metadata', 'falloc', 'full'];
+
+export type DeletionPolicy = 'Retain' | 'Delete';
+export const DELETION_POLICIES: readonly DeletionPolicy[] = ['Retain', 'Delete'];
+
+/** Which program serves an export. */
+export type ServerKind = 'nbd-server' | 'qemu-storage-daemon';
+
+export interface ImageCreateSpec {
+  /** Kubernetes quantity (e.g. 10Gi). Taken from the backing file when omitted. */
+  size?: string;
+  /** Absolute path of the backing image, for incrementals. */
+  backingFile?: string;
+  /** Format of the backing image; probed from the file when omitted. */
+  backingFormat?: ImageFormat;
+  preallocation?: Preallocation;
+}
+
+export interface FileSource {
+  path: string;
+  format: ImageFormat;
+  /** Create the image when missing. An existing file is never overwritten. */
+  create?: ImageCreateSpec;
+}
+
+export interface BlockDeviceSource {
+  path: string;
+}
+
+export interface ExportSource {
+  file?: FileSource;
+  blockDevice?: BlockDeviceSource;
+}
+
+export interface NbdExportSpec {
+  nodeName: string;
+  exportName?: string;
+  source: ExportSource;
+  readOnly?: boolean;
+  /** Concurrent clients. Read-write exports default to and allow at most 1. */
+  maxConnections?: number;
+  /** CIDR allow-list; empty or absent allows every client that reaches the port. */
+  allowedClients?: string[];
+  deletionPolicy?: DeletionPolicy;
+}
+
+export type ConditionStatus = 'True' | 'False' | 'Unknown';
+
+/** The metav1.Condition shape. */
+export interface Condition {
+  type: string;
+  status: ConditionStatus;
+  reason: string;
+  message: string;
+  observedGeneration?: number;
+  lastTransitionTime: string;
+}
+
+export interface NbdExportStatus {
+  observedGeneration?: number;
+  exportName?: string;
+  uri?: string;
+  server?: ServerKind;
+  format?: ImageFormat;
+  virtualSize?: number;
+  actualSize?: number;
+  backingChain?: string[];
+  conditions?: Condition[];
+}
+
+export interface ObjectMeta {
+  name: string;
+  namespace: string;
+  uid?: string;
+  generation?: number;
+  resourceVersion?: string;
+  creationTimestamp?: string;
+  deletionTimestamp?: string;
+  finalizers?: string[];
+  labels?: Record<string, string>;
+  annotations?: Record<string, string>;
+}
+
+export interface NbdExport {
+  apiVersion: typeof API_GROUP_VERSION;
+  kind: typeof KIND;
+  metadata: ObjectMeta;
+  spec: NbdExportSpec;
+  status?: NbdExportStatus;
+}
+
+/** `namespace/name`: the work queue's and the logs' key for a resource. */
+export type ResourceKey = string;
+
+export function keyOf(meta: Pick<ObjectMeta, 'namespace' | 'name'>): ResourceKey {
+  return `${meta.namespace}/${meta.name}`;
+}
