@@ -1,0 +1,85 @@
+/**
+ * What the controller observed on the node for one resource, gathered by the edges
+ * (src/node via src/controller) before each planning step. Plain data: the planner
+ * decides from it alone, so every decision is testable as a table.
+ */
+import type { ServerKind } from '../api/types.js';
+
+/** A spec path after resolving symlinks; for a missing file, its deepest existing ancestor resolved. */
+export type PathObservation =
+  | {
+      kind: 'resolved';
+      realPath: string;
+      exists: boolean;
+      parentExists: boolean;
+      isBlockDevice: boolean;
+      isFile: boolean;
+    }
+  | { kind: 'error'; message: string };
+
+export interface ImageInfo {
+  format: string;
+  virtualSize: number;
+  actualSize: number;
+  /** Real paths of the backing images, nearest first. */
+  backingChain: string[];
+  corrupt?: boolean;
+}
+
+export type ImageObservation =
+  { kind: 'missing' } | { kind: 'present'; info: ImageInfo } | { kind: 'unreadable'; message: string };
+
+export type LockObservation = { locked: false } | { locked: true; message: string };
+
+/** What one server does with one export name. */
+export interface ServingObservation {
+  server: ServerKind;
+  exportName: string;
+  running: boolean;
+  /** nbd-server only: fingerprint of the configuration written for its next (re)start. */
+  configured?: string;
+  /** Fingerprint of what the running server serves under this name, if anything. */
+  served?: string;
+  /** nbd-server only: per-client processes still serving this name (orphans included). */
+  connections?: number;
+}
+
+export interface ProbeObservation {
+  fingerprint: string;
+  ok: boolean;
+  size?: number;
+  message: string;
+}
+
+/** What the node remembers this resource owns (src/node/ownership-ledger.ts). */
+export interface LedgerEntry {
+  uid: string;
+  key: string;
+  /** The export name and server last served for this resource. */
+  exportName?: string;
+  server?: ServerKind;
+  /** An image this controller created for the resource: only such a file may ever be deleted. */
+  createdImage?: { path: string; inode?: number };
+}
+
+/** Decided over all resources of the node (conflicts.ts). */
+export interface ConflictObservation {
+  reason: 'ExportNameConflict' | 'ImageInUse';
+  message: string;
+}
+
+export interface ObservedExport {
+  path?: PathObservation;
+  backingPath?: PathObservation;
+  image?: ImageObservation;
+  backingImage?: ImageObservation;
+  /** Looked at only when this controller does not serve the image itself. */
+  lock?: LockObservation;
+  /** The server and export name the spec asks for. */
+  desired?: ServingObservation;
+  /** The server and export name the ledger says this resource serves, when it has one. */
+  owned?: ServingObservation;
+  probe?: ProbeObservation;
+  ledger?: LedgerEntry;
+  conflict?: ConflictObservation;
+}

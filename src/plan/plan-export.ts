@@ -1,0 +1,467 @@
+/**
+ * The planner: desired spec + what the node shows → the next actions and the status.
+ * Pure: no I/O, no clock (the caller stamps times). The reconciler runs
+ * observe → plan → execute until a plan has no actions, so each call only needs to
+ * name the next step, and running it on a converged node yields nothing to do.
+ */
+import type { ConditionDraft } from '../api/conditions.js';
+import { fingerprintOf, type ExportConfig } from '../api/export-config.js';
+import { effectiveExportName } from '../api/export-name.js';
+import { parseQuantity } from '../api/quantity.js';
+import { ConditionType, Reason } from '../api/reasons.js';
+import {
+  FINALIZER,
+  type ImageFormat,
+  type NbdExport,
+  type NbdExportSpec,
+  type ServerKind,
+} from '../api/types.js';
+import { validateSpec } from '../api/validate-spec.js';
+import type { Action } from './actions.js';
+import { isInsideAnyRoot, matchesDevicePattern, type NodePolicy } from './node-policy.js';
+import type { ImageInfo, ObservedExport, ServingObservation } from './observed-state.js';
+
+export interface StatusFields {
+  exportName?: string;
+  uri?: string;
+  server?: ServerKind;
+  format?: ImageFormat;
+  virtualSize?: number;
+  actualSize?: number;
+  backingChain?: string[];
+}
+
+export interface ExportPlan {
+  actions: Action[];
+  /** Ready, ImageReady and Exported, always all three. */
+  conditions: ConditionDraft[];
+  fields: StatusFields;
+  /** Look again after this long even if nothing changes (waiting on something outside). */
+  requeueAfterMs?: number;
+}
+
+export interface PlanInput {
+  resource: NbdExport;
+  observed: ObservedExport;
+  policy: NodePolicy;
+}
+
+/** How long to wait before looking again at something outside our control. */
+export const RETRY_SOON_MS = 5_000;
+
+export function planExport({ resource, observed, policy }: PlanInput): ExportPlan {
+  const hasFinalizer = resource.metadata.finalizers?.includes(FINALIZER) ?? false;
+  if (resource.metadata.deletionTimestamp !== undefined)
+    return planDeletion(resource, observed, hasFinalizer);
+
+  const validation = validateSpec(resource.spec);
+  if (!validation.ok) {
+    const message = validation.errors.map((e) => `${e.path}: ${e.message}`).join('; ');
+    return notReady(Reason.InvalidSpec, `${message}. Nothing on the node was changed.`, 'Unknown');
+  }
+  // Before the node changes at all, so that cleanup is guaranteed to run.
+  if (!hasFinalizer)
+    return waiting([{ kind: 'addFinalizer' }], Reason.Reconciling, 'adding the cleanup finalizer');
+
+  const spec = validation.spec;
+  const exportName = effectiveExportName(resource);
+  const fileSource = spec.source.file;
+  const isDevice = fileSource === undefined;
+  const format: ImageFormat = fileSource?.format ?? 'raw';
+  const server: ServerKind = format === 'qcow2' ? 'qemu-storage-daemon' : policy.rawServer;
+  const fields: StatusFields = { exportName, server, format, uri: uriFor(policy, server, exportName) };
+
+  if (observed.conflict) {
+    const retire = retireOwned(observed, false);
+    return { ...notReady(observed.conflict.reason, observed.conflict.message, 'False', retire), fields };
+  }
+
+  // Where the image is, and whether the node allows it.
+  const path = observed.path;
+  if (!path) return { ...waiting([], Reason.Reconciling, 'resolving the path'), fields };
+  if (path.kind === 'error') return { ...notReady(Reason.PathNotAllowed, path.message), fields };
+  const specPath = isDevice ? (spec.source.blockDevice?.path ?? '') : (fileSource?.path ?? '');
+  if (isDevice) {
+    const allowed = policy.allowedDevices.some(
+      (pattern) => matchesDevicePattern(specPath, pattern) || matchesDevicePattern(path.realPath, pattern),
+    );
+    if (!allowed)
+      return {
+        ...notReady(
+          Reason.DeviceNotAllowed,
+          `${specPath} (${path.realPath}) matches none of this node's allowed device patterns (${policy.allowedDevices.join(', ') || 'none configured'})`,
+        ),
+        fields,
+      };
+    if (!path.exists)
+      return { ...notReady(Reason.ImageNotFound, `block device ${specPath} does not exist`), fields };
+    if (!path.isBlockDevice)
+      return {
+        ...notReady(Reason.ImageInvalid, `${specPath} (${path.realPath}) is not a block device`),
+        fields,
+      };
+  } else if (!isInsideAnyRoot(path.realPath, policy.allowedRoots)) {
+    return {
+      ...notReady(
+        Reason.PathNotAllowed,
+        `${specPath} resolves to ${path.realPath}, outside this node's allowed roots (${policy.allowedRoots.join(', ')})`,
+      ),
+      fields,
+    };
+  } else if (path.exists && !path.isFile) {
+    return { ...notReady(Reason.ImageInvalid, `${specPath} exists but is not a regular file`), fields };
+  }
+
+  if (server === 'qemu-storage-daemon' && (spec.allowedClients?.length ?? 0) > 0)
+    return {
+      ...notReady(
+        Reason.Unsupported,
+        'allowedClients is enforced only by nbd-server, but this export is served by qemu-storage-daemon (QCOW2, or the node serves every format with it), which cannot filter clients by address. Remove allowedClients and restrict the port by network policy instead.',
+      ),
+      fields,
+    };
+
+  // The image: create it, or check the one that is there.
+  const image = observed.image;
+  if (!image) return { ...waiting([], Reason.Reconciling, 'inspecting the image'), fields };
+  if (image.kind === 'missing')
+    return { ...planCreation(spec, path.realPath, path.parentExists, observed, policy), fields };
+  if (image.kind === 'unreadable')
+    return {
+      ...notReady(Reason.ImageInvalid, `${specPath} cannot be read as an image: ${image.message}`),
+      fields,
+    };
+
+  const info = image.info;
+  const imageFields: StatusFields = {
+    ...fields,
+    virtualSize: info.virtualSize,
+    actualSize: info.actualSize,
+    ...(info.backingChain.length > 0 ? { backingChain: info.backingChain } : {}),
+  };
+  const imageProblem = checkImage(info, format, isDevice, specPath, policy);
+  if (imageProblem) return { ...notReady(imageProblem.reason, imageProblem.message), fields: imageFields };
+  if (observed.lock?.locked)
+    return {
+      ...notReady(
+        Reason.ImageInUse,
+        `another process holds a write lock on ${specPath}: ${observed.lock.message}. Stop that process or export a different file; the controller does not break locks.`,
+      ),
+      fields: imageFields,
+    };
+
+  const createdHere = observed.ledger?.createdImage?.path === path.realPath;
+  const imageReady: ConditionDraft = {
+    type: ConditionType.ImageReady,
+    status: 'True',
+    reason: createdHere ? Reason.ImageCreated : Reason.ImageValid,
+    message: `${format} image, ${info.virtualSize} bytes${info.backingChain.length ? `, backed by ${info.backingChain.join(' → ')}` : ''}`,
+  };
+
+  const config: ExportConfig = {
+    exportName,
+    server,
+    path: path.realPath,
+    format,
+    blockDevice: isDevice,
+    readOnly: spec.readOnly ?? false,
+    maxConnections: spec.maxConnections ?? 1,
+    allowedClients: allowListFor(spec, policy),
+  };
+  const serving = planServing(config, observed, info.virtualSize);
+  return {
+    ...serving,
+    conditions: [readyFrom(serving.exported), imageReady, serving.exported],
+    fields: imageFields,
+  };
+}
+
+function planDeletion(resource: NbdExport, observed: ObservedExport, hasFinalizer: boolean): ExportPlan {
+  const deleting = (message: string, actions: Action[] = []) => waiting(actions, Reason.Deleting, message);
+  if (!hasFinalizer) return deleting('deleted; nothing of it is left on this node');
+
+  const retire = retireOwned(observed, true);
+  if (retire.length > 0)
+    return deleting('no longer serving the export; waiting for the server to drop it', retire);
+
+  const actions: Action[] = [];
+  const created = observed.ledger?.createdImage;
+  const policy = resource.spec.deletionPolicy ?? 'Retain';
+  if (created && policy === 'Delete' && observed.image?.kind === 'present')
+    actions.push({
+      kind: 'deleteImage',
+      path: created.path,
+      ...(created.inode === undefined ? {} : { inode: created.inode }),
+    });
+  if (observed.ledger) actions.push({ kind: 'forgetOwnership' });
+  actions.push({ kind: 'removeFinalizer' });
+  return deleting('cleaning up', actions);
+}
+
+/** Stop serving whatever the ledger says this resource serves. */
+function retireOwned(observed: ObservedExport, force: boolean): Action[] {
+  const owned = observed.owned;
+  if (!owned) return [];
+  if (owned.server === 'qemu-storage-daemon')
+    return owned.served !== undefined
+      ? [{ kind: 'removeQemuExport', exportName: owned.exportName, force }]
+      : [];
+  if (owned.configured !== undefined)
+    return [{ kind: 'removeNbdServerExport', exportName: owned.exportName }, { kind: 'applyNbdServer' }];
+  if (owned.served !== undefined) return [{ kind: 'applyNbdServer' }];
+  if (force && (owned.connections ?? 0) > 0)
+    return [{ kind: 'disconnectNbdServerClients', exportName: owned.exportName }];
+  return [];
+}
+
+function planCreation(
+  spec: NbdExportSpec,
+  realPath: string,
+  parentExists: boolean,
+  observed: ObservedExport,
+  policy: NodePolicy,
+): ExportPlan {
+  const file = spec.source.file;
+  if (!file)
+    return notReady(
+      Reason.ImageNotFound,
+      `block device ${spec.source.blockDevice?.path ?? ''} does not exist`,
+    );
+  const create = file.create;
+  if (!create)
+    return notReady(
+      Reason.ImageNotFound,
+      `${file.path} does not exist; create it, or set spec.source.file.create to have the controller create it`,
+    );
+
+  let backingFile: string | undefined;
+  if (create.backingFile !== undefined) {
+    const backing = observed.backingPath;
+    if (!backing || !observed.backingImage)
+      return waiting([], Reason.Reconciling, 'inspecting the backing file');
+    if (backing.kind === 'error') return notReady(Reason.PathNotAllowed, backing.message);
+    if (!isInsideAnyRoot(backing.realPath, policy.allowedRoots))
+      return notReady(
+        Reason.PathNotAllowed,
+        `backing file ${create.backingFile} resolves to ${backing.realPath}, outside this node's allowed roots`,
+      );
+    if (observed.backingImage.kind !== 'present')
+      return notReady(
+        Reason.BackingFileNotFound,
+        `backing file ${create.backingFile} ${observed.backingImage.kind === 'missing' ? 'does not exist' : `cannot be read: ${observed.backingImage.message}`}`,
+      );
+    backingFile = backing.realPath;
+  }
+  const size = create.size === undefined ? undefined : parseQuantity(create.size);
+  if (size && !size.ok) return notReady(Reason.InvalidSpec, `spec.source.file.create.size: ${size.message}`);
+
+  const backingFormat =
+    create.backingFormat ??
+    (observed.backingImage?.kind === 'present' ? asFormat(observed.backingImage.info.format) : undefined);
+  const actions: Action[] = [];
+  if (!parentExists) actions.push({ kind: 'makeParentDirectories', path: realPath });
+  // Recorded first: if the controller dies mid-creation, the next run knows the file is its own.
+  actions.push({ kind: 'recordOwnership', createdImage: { path: realPath } });
+  actions.push({
+    kind: 'createImage',
+    path: realPath,
+    format: file.format,
+    ...(size?.ok ? { sizeBytes: size.bytes } : {}),
+    ...(backingFile === undefined ? {} : { backingFile }),
+    ...(backingFormat === undefined ? {} : { backingFormat }),
+    ...(create.preallocation === undefined ? {} : { preallocation: create.preallocation }),
+  });
+  return waiting(actions, Reason.Reconciling, `creating ${file.format} image ${file.path}`);
+}
+
+function checkImage(
+  info: ImageInfo,
+  format: ImageFormat,
+  isDevice: boolean,
+  specPath: string,
+  policy: NodePolicy,
+): { reason: string; message: string } | undefined {
+  if (info.format !== format)
+    return {
+      reason: Reason.ImageFormatMismatch,
+      message: isDevice
+        ? `${specPath} holds a ${info.format} image; a block device is served raw, which would expose the ${info.format} container instead of the disk`
+        : `${specPath} is a ${info.format} image but the spec says ${format}; serving it as ${format} would ${format === 'raw' ? `expose the ${info.format} container instead of the disk` : 'fail'}. Fix spec.source.file.format.`,
+    };
+  if (info.corrupt)
+    return { reason: Reason.ImageInvalid, message: `${specPath} is marked corrupt; run qemu-img check` };
+  const outside = info.backingChain.find((p) => !isInsideAnyRoot(p, policy.allowedRoots));
+  if (outside !== undefined)
+    return {
+      reason: Reason.PathNotAllowed,
+      message: `${specPath} has backing file ${outside}, outside this node's allowed roots; serving it would expose that file`,
+    };
+  return undefined;
+}
+
+function planServing(
+  config: ExportConfig,
+  observed: ObservedExport,
+  expectedSize: number,
+): { actions: Action[]; exported: ConditionDraft; requeueAfterMs?: number } {
+  const exported = (status: 'True' | 'False', reason: string, message: string): ConditionDraft => ({
+    type: ConditionType.Exported,
+    status,
+    reason,
+    message,
+  });
+  const fingerprint = fingerprintOf(config);
+
+  // A renamed export, or one moving to the other server: retire the old one first.
+  const owned = observed.owned;
+  if (owned && (owned.exportName !== config.exportName || owned.server !== config.server)) {
+    const retire = retireOwned(observed, false);
+    if (retire.length > 0)
+      return {
+        actions: retire,
+        exported: exported(
+          'False',
+          Reason.ConfigPending,
+          `retiring ${owned.exportName} on ${owned.server} first`,
+        ),
+      };
+  }
+  const ledger = observed.ledger;
+  const record: Action[] =
+    ledger?.exportName === config.exportName && ledger.server === config.server
+      ? []
+      : [{ kind: 'recordOwnership', exportName: config.exportName, server: config.server }];
+
+  const desired = observed.desired;
+  if (!desired)
+    return { actions: record, exported: exported('False', Reason.Reconciling, 'looking at the server') };
+
+  if (config.server === 'nbd-server') {
+    if (desired.configured !== fingerprint)
+      return {
+        actions: [...record, { kind: 'writeNbdServerExport', config }, { kind: 'applyNbdServer' }],
+        exported: exported('False', Reason.ConfigPending, 'writing the nbd-server configuration'),
+      };
+    if (desired.served !== fingerprint)
+      return {
+        actions: [...record, { kind: 'applyNbdServer' }],
+        exported: exported(
+          'False',
+          Reason.RestartPending,
+          desired.served === undefined
+            ? 'a hand-over restart of nbd-server is planned to add this export; connected clients are not cut'
+            : 'nbd-server serves an older configuration of this export; a hand-over restart is planned, and clients connected to the old one keep it until they disconnect',
+        ),
+        requeueAfterMs: RETRY_SOON_MS,
+      };
+  } else {
+    if (!desired.running)
+      return {
+        actions: record,
+        exported: exported(
+          'False',
+          Reason.ServerUnavailable,
+          'qemu-storage-daemon is not running; it is being restarted',
+        ),
+        requeueAfterMs: RETRY_SOON_MS,
+      };
+    if (desired.served !== fingerprint) {
+      const actions: Action[] = [...record];
+      if (desired.served !== undefined)
+        actions.push({ kind: 'removeQemuExport', exportName: config.exportName, force: false });
+      actions.push({ kind: 'addQemuExport', config });
+      return {
+        actions,
+        exported: exported('False', Reason.ConfigPending, 'adding the export to qemu-storage-daemon'),
+      };
+    }
+  }
+  if (record.length > 0)
+    return { actions: record, exported: exported('False', Reason.Reconciling, 'recording ownership') };
+
+  const probe = observed.probe;
+  if (!probe || probe.fingerprint !== fingerprint)
+    return {
+      actions: [
+        { kind: 'probe', server: config.server, exportName: config.exportName, fingerprint, expectedSize },
+      ],
+      exported: exported('False', Reason.Probing, 'checking the export with an NBD handshake'),
+    };
+  if (!probe.ok)
+    return {
+      actions: [],
+      exported: exported('False', Reason.ProbeFailed, `NBD handshake failed: ${probe.message}`),
+      requeueAfterMs: RETRY_SOON_MS,
+    };
+  if (probe.size !== expectedSize)
+    return {
+      actions: [],
+      exported: exported(
+        'False',
+        Reason.ProbeFailed,
+        `the server reports ${probe.size ?? 'no'} bytes but the image has ${expectedSize}`,
+      ),
+      requeueAfterMs: RETRY_SOON_MS,
+    };
+  return {
+    actions: [],
+    exported: exported(
+      'True',
+      Reason.Served,
+      `served by ${config.server}; an NBD handshake saw ${expectedSize} bytes`,
+    ),
+  };
+}
+
+/** The allow-list written for the server; the probe's own address is let in so that probing works. */
+function allowListFor(spec: NbdExportSpec, policy: NodePolicy): string[] {
+  const list = spec.allowedClients ?? [];
+  if (list.length === 0) return [];
+  const probe = policy.probeHost.includes(':') ? `${policy.probeHost}/128` : `${policy.probeHost}/32`;
+  return list.includes(probe) || list.includes(policy.probeHost) ? [...list] : [...list, probe];
+}
+
+function uriFor(policy: NodePolicy, server: ServerKind, exportName: string): string {
+  const host = policy.advertiseHost.includes(':') ? `[${policy.advertiseHost}]` : policy.advertiseHost;
+  const port = server === 'nbd-server' ? policy.nbdServerPort : policy.qemuPort;
+  return `nbd://${host}:${port}/${exportName}`;
+}
+
+function readyFrom(exported: ConditionDraft): ConditionDraft {
+  return { ...exported, type: ConditionType.Ready };
+}
+
+function asFormat(format: string): ImageFormat | undefined {
+  return format === 'qcow2' || format === 'raw' ? format : undefined;
+}
+
+/** Not ready for a reason the user (or someone outside) must fix: no retry until something changes. */
+function notReady(
+  reason: string,
+  message: string,
+  imageStatus: 'False' | 'Unknown' = 'False',
+  actions: Action[] = [],
+): ExportPlan {
+  return {
+    actions,
+    conditions: [
+      { type: ConditionType.Ready, status: 'False', reason, message },
+      { type: ConditionType.ImageReady, status: imageStatus, reason, message },
+      { type: ConditionType.Exported, status: 'False', reason, message },
+    ],
+    fields: {},
+  };
+}
+
+/** On the way somewhere: the actions are the next step. */
+function waiting(actions: Action[], reason: string, message: string): ExportPlan {
+  return {
+    actions,
+    conditions: [
+      { type: ConditionType.Ready, status: 'False', reason, message },
+      { type: ConditionType.ImageReady, status: 'Unknown', reason, message },
+      { type: ConditionType.Exported, status: 'Unknown', reason, message },
+    ],
+    fields: {},
+  };
+}

@@ -1,0 +1,600 @@
+import { describe, expect, it } from 'vitest';
+import { fingerprintOf, type ExportConfig } from '../../../src/api/export-config.js';
+import { FINALIZER, type NbdExport, type NbdExportSpec } from '../../../src/api/types.js';
+import type { Action } from '../../../src/plan/actions.js';
+import type { NodePolicy } from '../../../src/plan/node-policy.js';
+import type { ObservedExport } from '../../../src/plan/observed-state.js';
+import { planExport } from '../../../src/plan/plan-export.js';
+
+const policy: NodePolicy = {
+  nodeName: 'storage-01',
+  allowedRoots: ['/var/lib/nbd-exports'],
+  allowedDevices: ['/dev/disk/by-id/*'],
+  advertiseHost: '10.20.1.5',
+  probeHost: '127.0.0.1',
+  nbdServerPort: 10809,
+  qemuPort: 10810,
+  rawServer: 'nbd-server',
+};
+
+const QCOW = '/var/lib/nbd-exports/vm-1/full.qcow2';
+const RAW = '/var/lib/nbd-exports/vm-1/disk.raw';
+
+function resource(spec: Partial<NbdExportSpec> = {}, meta: Partial<NbdExport['metadata']> = {}): NbdExport {
+  return {
+    apiVersion: 'nbd.dev/v1alpha1',
+    kind: 'NbdExport',
+    metadata: {
+      name: 'vm-1-full',
+      namespace: 'backups',
+      uid: 'uid-1',
+      generation: 1,
+      creationTimestamp: '2026-11-25T10:00:00Z',
+      finalizers: [FINALIZER],
+      ...meta,
+    },
+    spec: {
+      nodeName: 'storage-01',
+      source: { file: { path: QCOW, format: 'qcow2', create: { size: '1Gi' } } },
+      ...spec,
+    },
+  };
+}
+
+const qcowConfig: ExportConfig = {
+  exportName: 'backups.vm-1-full',
+  server: 'qemu-storage-daemon',
+  path: QCOW,
+  format: 'qcow2',
+  blockDevice: false,
+  readOnly: false,
+  maxConnections: 1,
+  allowedClients: [],
+};
+const qcowPrint = fingerprintOf(qcowConfig);
+const GiB = 1024 ** 3;
+
+/** A node that serves the default resource exactly as specified. */
+function converged(overrides: Partial<ObservedExport> = {}): ObservedExport {
+  return {
+    path: {
+      kind: 'resolved',
+      realPath: QCOW,
+      exists: true,
+      parentExists: true,
+      isFile: true,
+      isBlockDevice: false,
+    },
+    image: {
+      kind: 'present',
+      info: { format: 'qcow2', virtualSize: GiB, actualSize: 196608, backingChain: [] },
+    },
+    lock: { locked: false },
+    desired: {
+      server: 'qemu-storage-daemon',
+      exportName: 'backups.vm-1-full',
+      running: true,
+      served: qcowPrint,
+    },
+    owned: {
+      server: 'qemu-storage-daemon',
+      exportName: 'backups.vm-1-full',
+      running: true,
+      served: qcowPrint,
+    },
+    ledger: {
+      uid: 'uid-1',
+      key: 'backups/vm-1-full',
+      exportName: 'backups.vm-1-full',
+      server: 'qemu-storage-daemon',
+      createdImage: { path: QCOW },
+    },
+    probe: { fingerprint: qcowPrint, ok: true, size: GiB, message: 'ok' },
+    ...overrides,
+  };
+}
+
+const kinds = (actions: Action[]) => actions.map((a) => a.kind);
+const ready = (plan: ReturnType<typeof planExport>) => plan.conditions.find((c) => c.type === 'Ready');
+
+describe('planExport: converging', () => {
+  it('everything present → empty plan and Ready=True', () => {
+    const plan = planExport({ resource: resource(), observed: converged(), policy });
+    expect(plan.actions).toEqual([]);
+    expect(ready(plan)).toMatchObject({ status: 'True', reason: 'Served' });
+    expect(plan.conditions.map((c) => [c.type, c.status])).toEqual([
+      ['Ready', 'True'],
+      ['ImageReady', 'True'],
+      ['Exported', 'True'],
+    ]);
+    expect(plan.fields).toEqual({
+      exportName: 'backups.vm-1-full',
+      server: 'qemu-storage-daemon',
+      format: 'qcow2',
+      uri: 'nbd://10.20.1.5:10810/backups.vm-1-full',
+      virtualSize: GiB,
+      actualSize: 196608,
+    });
+  });
+
+  it('no finalizer yet → adds it before touching the node', () => {
+    const plan = planExport({ resource: resource({}, { finalizers: [] }), observed: converged(), policy });
+    expect(kinds(plan.actions)).toEqual(['addFinalizer']);
+  });
+
+  it('nothing present → record ownership, then create the image', () => {
+    const plan = planExport({
+      resource: resource(),
+      observed: {
+        path: {
+          kind: 'resolved',
+          realPath: QCOW,
+          exists: false,
+          parentExists: false,
+          isFile: false,
+          isBlockDevice: false,
+        },
+        image: { kind: 'missing' },
+      },
+      policy,
+    });
+    expect(plan.actions).toEqual([
+      { kind: 'makeParentDirectories', path: QCOW },
+      { kind: 'recordOwnership', createdImage: { path: QCOW } },
+      { kind: 'createImage', path: QCOW, format: 'qcow2', sizeBytes: GiB },
+    ]);
+    expect(ready(plan)?.status).toBe('False');
+  });
+
+  it('incremental: takes the backing format from the backing image and leaves the size to it', () => {
+    const backing = '/var/lib/nbd-exports/vm-1/base.qcow2';
+    const plan = planExport({
+      resource: resource({
+        source: { file: { path: QCOW, format: 'qcow2', create: { backingFile: backing } } },
+      }),
+      observed: {
+        path: {
+          kind: 'resolved',
+          realPath: QCOW,
+          exists: false,
+          parentExists: true,
+          isFile: false,
+          isBlockDevice: false,
+        },
+        image: { kind: 'missing' },
+        backingPath: {
+          kind: 'resolved',
+          realPath: backing,
+          exists: true,
+          parentExists: true,
+          isFile: true,
+          isBlockDevice: false,
+        },
+        backingImage: {
+          kind: 'present',
+          info: { format: 'qcow2', virtualSize: GiB, actualSize: 1, backingChain: [] },
+        },
+      },
+      policy,
+    });
+    expect(plan.actions.at(-1)).toEqual({
+      kind: 'createImage',
+      path: QCOW,
+      format: 'qcow2',
+      backingFile: backing,
+      backingFormat: 'qcow2',
+    });
+  });
+
+  it('image present, not served → add to qemu-storage-daemon', () => {
+    const plan = planExport({
+      resource: resource(),
+      observed: converged({
+        desired: { server: 'qemu-storage-daemon', exportName: 'backups.vm-1-full', running: true },
+        owned: undefined,
+        ledger: { uid: 'uid-1', key: 'backups/vm-1-full' },
+        probe: undefined,
+      }),
+      policy,
+    });
+    expect(plan.actions).toEqual([
+      { kind: 'recordOwnership', exportName: 'backups.vm-1-full', server: 'qemu-storage-daemon' },
+      { kind: 'addQemuExport', config: qcowConfig },
+    ]);
+  });
+
+  it('served but not yet probed → probe with the expected virtual size', () => {
+    const plan = planExport({ resource: resource(), observed: converged({ probe: undefined }), policy });
+    expect(plan.actions).toEqual([
+      {
+        kind: 'probe',
+        server: 'qemu-storage-daemon',
+        exportName: 'backups.vm-1-full',
+        fingerprint: qcowPrint,
+        expectedSize: GiB,
+      },
+    ]);
+  });
+
+  it('a probe that saw the wrong size is not Ready, and looks again later', () => {
+    const plan = planExport({
+      resource: resource(),
+      observed: converged({ probe: { fingerprint: qcowPrint, ok: true, size: 196608, message: 'ok' } }),
+      policy,
+    });
+    expect(plan.actions).toEqual([]);
+    expect(ready(plan)).toMatchObject({ status: 'False', reason: 'ProbeFailed' });
+    expect(plan.requeueAfterMs).toBeGreaterThan(0);
+  });
+
+  it('a changed spec (read-only now) → replace the qemu export, gently', () => {
+    const plan = planExport({ resource: resource({ readOnly: true }), observed: converged(), policy });
+    const config = { ...qcowConfig, readOnly: true };
+    expect(plan.actions).toEqual([
+      { kind: 'removeQemuExport', exportName: 'backups.vm-1-full', force: false },
+      { kind: 'addQemuExport', config },
+    ]);
+  });
+
+  it('raw file → nbd-server: write config and request one coalesced restart', () => {
+    const spec: Partial<NbdExportSpec> = {
+      source: { file: { path: RAW, format: 'raw' } },
+      allowedClients: ['10.20.0.0/16'],
+    };
+    const plan = planExport({
+      resource: resource(spec),
+      observed: {
+        path: {
+          kind: 'resolved',
+          realPath: RAW,
+          exists: true,
+          parentExists: true,
+          isFile: true,
+          isBlockDevice: false,
+        },
+        image: {
+          kind: 'present',
+          info: { format: 'raw', virtualSize: GiB, actualSize: GiB, backingChain: [] },
+        },
+        lock: { locked: false },
+        desired: { server: 'nbd-server', exportName: 'backups.vm-1-full', running: true },
+        ledger: {
+          uid: 'uid-1',
+          key: 'backups/vm-1-full',
+          exportName: 'backups.vm-1-full',
+          server: 'nbd-server',
+        },
+      },
+      policy,
+    });
+    expect(plan.actions).toEqual([
+      {
+        kind: 'writeNbdServerExport',
+        config: {
+          exportName: 'backups.vm-1-full',
+          server: 'nbd-server',
+          path: RAW,
+          format: 'raw',
+          blockDevice: false,
+          readOnly: false,
+          maxConnections: 1,
+          allowedClients: ['10.20.0.0/16', '127.0.0.1/32'],
+        },
+      },
+      { kind: 'applyNbdServer' },
+    ]);
+  });
+
+  it('nbd-server config written but not yet loaded → waits for the planned restart', () => {
+    const config: ExportConfig = { ...qcowConfig, server: 'nbd-server', path: RAW, format: 'raw' };
+    const plan = planExport({
+      resource: resource({ source: { file: { path: RAW, format: 'raw' } } }),
+      observed: {
+        path: {
+          kind: 'resolved',
+          realPath: RAW,
+          exists: true,
+          parentExists: true,
+          isFile: true,
+          isBlockDevice: false,
+        },
+        image: {
+          kind: 'present',
+          info: { format: 'raw', virtualSize: GiB, actualSize: GiB, backingChain: [] },
+        },
+        lock: { locked: false },
+        desired: {
+          server: 'nbd-server',
+          exportName: 'backups.vm-1-full',
+          running: true,
+          configured: fingerprintOf(config),
+        },
+        ledger: {
+          uid: 'uid-1',
+          key: 'backups/vm-1-full',
+          exportName: 'backups.vm-1-full',
+          server: 'nbd-server',
+        },
+      },
+      policy,
+    });
+    expect(kinds(plan.actions)).toEqual(['applyNbdServer']);
+    expect(ready(plan)).toMatchObject({ status: 'False', reason: 'RestartPending' });
+  });
+
+  it('a renamed export retires the old name first', () => {
+    const plan = planExport({
+      resource: resource({ exportName: 'new-name' }),
+      observed: converged(),
+      policy,
+    });
+    expect(plan.actions).toEqual([
+      { kind: 'removeQemuExport', exportName: 'backups.vm-1-full', force: false },
+    ]);
+  });
+
+  it('an operator who serves raw with qemu-storage-daemon gets it there', () => {
+    const plan = planExport({
+      resource: resource({ source: { file: { path: RAW, format: 'raw' } } }),
+      observed: converged({
+        path: {
+          kind: 'resolved',
+          realPath: RAW,
+          exists: true,
+          parentExists: true,
+          isFile: true,
+          isBlockDevice: false,
+        },
+        image: {
+          kind: 'present',
+          info: { format: 'raw', virtualSize: GiB, actualSize: GiB, backingChain: [] },
+        },
+        desired: { server: 'qemu-storage-daemon', exportName: 'backups.vm-1-full', running: true },
+        owned: undefined,
+        ledger: undefined,
+      }),
+      policy: { ...policy, rawServer: 'qemu-storage-daemon' },
+    });
+    expect(kinds(plan.actions)).toEqual(['recordOwnership', 'addQemuExport']);
+    expect(plan.fields.uri).toBe('nbd://10.20.1.5:10810/backups.vm-1-full');
+  });
+});
+
+describe('planExport: refusing, with nothing done on the node', () => {
+  const cases: {
+    name: string;
+    resource: NbdExport;
+    observed: ObservedExport;
+    reason: string;
+    message: RegExp;
+  }[] = [
+    {
+      name: 'invalid spec',
+      resource: resource({ maxConnections: 3 }),
+      observed: converged(),
+      reason: 'InvalidSpec',
+      message: /spec\.maxConnections: a read-write export allows one client/,
+    },
+    {
+      name: 'path outside the allowed roots (via a symlink)',
+      resource: resource(),
+      observed: converged({
+        path: {
+          kind: 'resolved',
+          realPath: '/etc/shadow',
+          exists: true,
+          parentExists: true,
+          isFile: true,
+          isBlockDevice: false,
+        },
+      }),
+      reason: 'PathNotAllowed',
+      message: /resolves to \/etc\/shadow, outside/,
+    },
+    {
+      name: 'a qcow2 whose backing file lies outside the roots',
+      resource: resource(),
+      observed: converged({
+        image: {
+          kind: 'present',
+          info: { format: 'qcow2', virtualSize: GiB, actualSize: 1, backingChain: ['/etc/passwd'] },
+        },
+      }),
+      reason: 'PathNotAllowed',
+      message: /backing file \/etc\/passwd/,
+    },
+    {
+      name: 'raw spec on a qcow2 file',
+      resource: resource({ source: { file: { path: QCOW, format: 'raw' } } }),
+      observed: converged(),
+      reason: 'ImageFormatMismatch',
+      message: /expose the qcow2 container/,
+    },
+    {
+      name: 'missing file without create',
+      resource: resource({ source: { file: { path: QCOW, format: 'qcow2' } } }),
+      observed: converged({
+        path: {
+          kind: 'resolved',
+          realPath: QCOW,
+          exists: false,
+          parentExists: true,
+          isFile: false,
+          isBlockDevice: false,
+        },
+        image: { kind: 'missing' },
+      }),
+      reason: 'ImageNotFound',
+      message: /does not exist/,
+    },
+    {
+      name: 'a foreign writer holds the lock',
+      resource: resource(),
+      observed: converged({
+        lock: { locked: true, message: 'Failed to get "write" lock' },
+        owned: undefined,
+      }),
+      reason: 'ImageInUse',
+      message: /Failed to get "write" lock/,
+    },
+    {
+      name: 'export name taken by an older resource',
+      resource: resource(),
+      observed: converged({
+        owned: undefined,
+        conflict: { reason: 'ExportNameConflict', message: 'taken by backups/older' },
+      }),
+      reason: 'ExportNameConflict',
+      message: /taken by backups\/older/,
+    },
+    {
+      name: 'device outside the allowed patterns',
+      resource: resource({ source: { blockDevice: { path: '/dev/sda' } } }),
+      observed: converged({
+        path: {
+          kind: 'resolved',
+          realPath: '/dev/sda',
+          exists: true,
+          parentExists: true,
+          isFile: false,
+          isBlockDevice: true,
+        },
+      }),
+      reason: 'DeviceNotAllowed',
+      message: /matches none/,
+    },
+    {
+      name: 'allow-list on a qcow2 export',
+      resource: resource({ allowedClients: ['10.0.0.0/8'] }),
+      observed: converged(),
+      reason: 'Unsupported',
+      message: /allowedClients/,
+    },
+    {
+      name: 'backing file missing',
+      resource: resource({
+        source: {
+          file: {
+            path: QCOW,
+            format: 'qcow2',
+            create: { backingFile: '/var/lib/nbd-exports/vm-1/base.qcow2' },
+          },
+        },
+      }),
+      observed: {
+        path: {
+          kind: 'resolved',
+          realPath: QCOW,
+          exists: false,
+          parentExists: true,
+          isFile: false,
+          isBlockDevice: false,
+        },
+        image: { kind: 'missing' },
+        backingPath: {
+          kind: 'resolved',
+          realPath: '/var/lib/nbd-exports/vm-1/base.qcow2',
+          exists: false,
+          parentExists: true,
+          isFile: false,
+          isBlockDevice: false,
+        },
+        backingImage: { kind: 'missing' },
+      },
+      reason: 'BackingFileNotFound',
+      message: /does not exist/,
+    },
+  ];
+
+  for (const c of cases) {
+    it(`${c.name} → Ready=False ${c.reason}`, () => {
+      const plan = planExport({ resource: c.resource, observed: c.observed, policy });
+      expect(plan.actions).toEqual([]);
+      expect(ready(plan)?.status).toBe('False');
+      expect(ready(plan)?.reason).toBe(c.reason);
+      expect(ready(plan)?.message).toMatch(c.message);
+    });
+  }
+
+  it('a conflict loser that served the name before retires it', () => {
+    const plan = planExport({
+      resource: resource(),
+      observed: converged({ conflict: { reason: 'ExportNameConflict', message: 'taken' } }),
+      policy,
+    });
+    expect(plan.actions).toEqual([
+      { kind: 'removeQemuExport', exportName: 'backups.vm-1-full', force: false },
+    ]);
+  });
+});
+
+describe('planExport: deletion', () => {
+  const deleting = (policyName: 'Retain' | 'Delete') =>
+    resource({ deletionPolicy: policyName }, { deletionTimestamp: '2026-11-25T11:00:00Z' });
+
+  it('first stops serving, forcibly (the user asked for deletion)', () => {
+    const plan = planExport({ resource: deleting('Delete'), observed: converged(), policy });
+    expect(plan.actions).toEqual([
+      { kind: 'removeQemuExport', exportName: 'backups.vm-1-full', force: true },
+    ]);
+    expect(ready(plan)?.reason).toBe('Deleting');
+  });
+
+  it('then deletes a file it created when the policy says Delete', () => {
+    const plan = planExport({
+      resource: deleting('Delete'),
+      observed: converged({
+        owned: { server: 'qemu-storage-daemon', exportName: 'backups.vm-1-full', running: true },
+      }),
+      policy,
+    });
+    expect(plan.actions).toEqual([
+      { kind: 'deleteImage', path: QCOW },
+      { kind: 'forgetOwnership' },
+      { kind: 'removeFinalizer' },
+    ]);
+  });
+
+  it('keeps the file with Retain', () => {
+    const plan = planExport({
+      resource: deleting('Retain'),
+      observed: converged({ owned: undefined }),
+      policy,
+    });
+    expect(kinds(plan.actions)).toEqual(['forgetOwnership', 'removeFinalizer']);
+  });
+
+  it('never deletes a file it did not create, whatever the policy', () => {
+    const plan = planExport({
+      resource: deleting('Delete'),
+      observed: converged({ owned: undefined, ledger: { uid: 'uid-1', key: 'backups/vm-1-full' } }),
+      policy,
+    });
+    expect(kinds(plan.actions)).toEqual(['forgetOwnership', 'removeFinalizer']);
+  });
+
+  it('nbd-server: removes the config, waits for the restart, then cuts lingering clients', () => {
+    const owned = { server: 'nbd-server' as const, exportName: 'x', running: true };
+    const observe = (
+      o: Partial<typeof owned> & { configured?: string; served?: string; connections?: number },
+    ) =>
+      planExport({ resource: deleting('Retain'), observed: converged({ owned: { ...owned, ...o } }), policy })
+        .actions;
+    expect(observe({ configured: 'f', served: 'f' })).toEqual([
+      { kind: 'removeNbdServerExport', exportName: 'x' },
+      { kind: 'applyNbdServer' },
+    ]);
+    expect(observe({ served: 'f' })).toEqual([{ kind: 'applyNbdServer' }]);
+    expect(observe({ connections: 2 })).toEqual([{ kind: 'disconnectNbdServerClients', exportName: 'x' }]);
+    expect(kinds(observe({}))).toEqual(['forgetOwnership', 'removeFinalizer']);
+  });
+
+  it('a resource without our finalizer needs nothing', () => {
+    const plan = planExport({
+      resource: resource({}, { deletionTimestamp: '2026-11-25T11:00:00Z', finalizers: [] }),
+      observed: converged(),
+      policy,
+    });
+    expect(plan.actions).toEqual([]);
+  });
+});
