@@ -19,7 +19,7 @@ import {
 import { validateSpec } from '../api/validate-spec.js';
 import type { Action } from './actions.js';
 import { isInsideAnyRoot, matchesDevicePattern, type NodePolicy } from './node-policy.js';
-import type { ImageInfo, ObservedExport, ServingObservation } from './observed-state.js';
+import type { ImageInfo, ObservedExport } from './observed-state.js';
 
 export interface StatusFields {
   exportName?: string;

@@ -55,8 +55,10 @@ const qcowPrint = fingerprintOf(qcowConfig);
 const GiB = 1024 ** 3;
 
 /** A node that serves the default resource exactly as specified. */
-function converged(overrides: Partial<ObservedExport> = {}): ObservedExport {
-  return {
+function converged(
+  overrides: { [K in keyof ObservedExport]?: ObservedExport[K] | undefined } = {},
+): ObservedExport {
+  const base: ObservedExport = {
     path: {
       kind: 'resolved',
       realPath: QCOW,
@@ -90,8 +92,10 @@ function converged(overrides: Partial<ObservedExport> = {}): ObservedExport {
       createdImage: { path: QCOW },
     },
     probe: { fingerprint: qcowPrint, ok: true, size: GiB, message: 'ok' },
-    ...overrides,
   };
+  const merged: Record<string, unknown> = { ...base, ...overrides };
+  for (const key of Object.keys(merged)) if (merged[key] === undefined) delete merged[key];
+  return merged as unknown as ObservedExport;
 }
 
 const kinds = (actions: Action[]) => actions.map((a) => a.kind);
