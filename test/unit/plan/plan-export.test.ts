@@ -95,7 +95,7 @@ function converged(
   };
   const merged: Record<string, unknown> = { ...base, ...overrides };
   for (const key of Object.keys(merged)) if (merged[key] === undefined) delete merged[key];
-  return merged as unknown as ObservedExport;
+  return merged;
 }
 
 const kinds = (actions: Action[]) => actions.map((a) => a.kind);
