@@ -1,0 +1,46 @@
+/**
+ * The edges the reconciler drives, as the controller needs them. src/node implements
+ * them (NbdServerSupervisor, QemuStorageDaemon, qemu-img, the NBD probe, the ledger);
+ * unit tests may fake them here, at the boundary.
+ */
+import type { ExportConfig } from '../api/export-config.js';
+import type { ImageInfo, LockObservation, PathObservation } from '../plan/observed-state.js';
+import type { Action } from '../plan/actions.js';
+import type { OwnershipLedger } from '../node/ownership-ledger.js';
+import type { ProbeResult, ProbeTarget } from '../node/nbd-probe.js';
+
+export interface NbdServerControl {
+  writeExport(config: ExportConfig): Promise<boolean>;
+  removeExport(exportName: string): Promise<boolean>;
+  configured(): Promise<Map<string, string>>;
+  loaded(): ReadonlyMap<string, string>;
+  requestApply(): void;
+  connections(): Promise<Map<string, number[]>>;
+  disconnect(exportName: string): Promise<number>;
+  status(): { running: boolean };
+  onApplied(listener: (changedExportNames: string[]) => void): void;
+}
+
+export interface QemuServerControl {
+  exports(): Promise<ReadonlyMap<string, { fingerprint: string; config: ExportConfig }>>;
+  addExport(config: ExportConfig): Promise<void>;
+  removeExport(exportName: string, options: { force: boolean }): Promise<void>;
+  status(): { running: boolean };
+}
+
+export type CreateImageRequest = Omit<Extract<Action, { kind: 'createImage' }>, 'kind'>;
+
+export interface ImageTools {
+  inspect(path: string, options: { forceShare: boolean; format?: 'raw' }): Promise<ImageInfo>;
+  probeLock(path: string): Promise<LockObservation>;
+  create(request: CreateImageRequest): Promise<void>;
+}
+
+export interface NodeServices {
+  nbdServer: NbdServerControl;
+  qemu: QemuServerControl;
+  images: ImageTools;
+  ledger: OwnershipLedger;
+  resolvePath(path: string): Promise<PathObservation>;
+  probe(target: ProbeTarget): Promise<ProbeResult>;
+}

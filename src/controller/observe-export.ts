@@ -1,0 +1,126 @@
+/**
+ * Gathers what the planner needs about one resource from the node. Reads only: nothing
+ * here changes the node. Skips what the plan cannot use (no image inspection for a spec
+ * that does not validate, no lock probe for an image our own qemu-storage-daemon holds).
+ */
+import { fingerprintOf } from '../api/export-config.js';
+import { effectiveExportName } from '../api/export-name.js';
+import type { NbdExport, ServerKind } from '../api/types.js';
+import { validateSpec } from '../api/validate-spec.js';
+import type { NodePolicy } from '../plan/node-policy.js';
+import type {
+  ConflictObservation,
+  ImageObservation,
+  ObservedExport,
+  PathObservation,
+  ProbeObservation,
+  ServingObservation,
+} from '../plan/observed-state.js';
+import type { NodeServices } from './node-services.js';
+
+export interface ObserveContext {
+  services: NodeServices;
+  policy: NodePolicy;
+  conflict: ConflictObservation | undefined;
+  probe: ProbeObservation | undefined;
+}
+
+export async function observeExport(resource: NbdExport, context: ObserveContext): Promise<ObservedExport> {
+  const { services, policy } = context;
+  const uid = resource.metadata.uid ?? '';
+  const ledger = services.ledger.get(uid);
+  const servers = await serverSnapshot(services, resource.metadata.deletionTimestamp !== undefined);
+
+  const observed: ObservedExport = {
+    ...(ledger ? { ledger } : {}),
+    ...(context.conflict ? { conflict: context.conflict } : {}),
+    ...(context.probe ? { probe: context.probe } : {}),
+  };
+  if (ledger?.exportName !== undefined && ledger.server !== undefined)
+    observed.owned = servers.serving(ledger.server, ledger.exportName);
+
+  const validation = validateSpec(resource.spec);
+  if (resource.metadata.deletionTimestamp !== undefined || !validation.ok) {
+    const created = ledger?.createdImage;
+    if (created) observed.image = await inspect(services, created.path, false);
+    return observed;
+  }
+  const spec = validation.spec;
+  const file = spec.source.file;
+  const format = file?.format ?? 'raw';
+  const server: ServerKind = format === 'qcow2' ? 'qemu-storage-daemon' : policy.rawServer;
+  observed.desired = servers.serving(server, effectiveExportName(resource));
+
+  const specPath = file?.path ?? spec.source.blockDevice?.path ?? '';
+  const path = await services.resolvePath(specPath);
+  observed.path = path;
+  if (path.kind === 'resolved' && path.exists) {
+    observed.image = await inspect(services, path.realPath, file === undefined);
+    const heldByUs = servers.qemuPaths.has(path.realPath);
+    if (!heldByUs && observed.image.kind === 'present') observed.lock = await services.images.probeLock(path.realPath);
+  } else if (path.kind === 'resolved') {
+    observed.image = { kind: 'missing' };
+    const backingFile = file?.create?.backingFile;
+    if (backingFile !== undefined) {
+      const backingPath = await services.resolvePath(backingFile);
+      observed.backingPath = backingPath;
+      observed.backingImage =
+        backingPath.kind === 'resolved' && backingPath.exists
+          ? await inspect(services, backingPath.realPath, false)
+          : { kind: 'missing' };
+    }
+  }
+  return observed;
+}
+
+async function inspect(services: NodeServices, path: string, isDevice: boolean): Promise<ImageObservation> {
+  try {
+    // -U: our own qemu-storage-daemon may hold the image; reading its header is safe.
+    return { kind: 'present', info: await services.images.inspect(path, { forceShare: true }) };
+  } catch (error) {
+    const code = (error as NodeJS.ErrnoException | undefined)?.code;
+    const message = error instanceof Error ? error.message : String(error);
+    if (code === 'ENOENT' || /No such file or directory/.test(message)) return { kind: 'missing' };
+    return { kind: 'unreadable', message: isDevice ? `${message} (device)` : message };
+  }
+}
+
+interface ServerSnapshot {
+  serving(server: ServerKind, exportName: string): ServingObservation;
+  /** Real paths qemu-storage-daemon has open: it holds their locks itself. */
+  qemuPaths: Set<string>;
+}
+
+async function serverSnapshot(services: NodeServices, withConnections: boolean): Promise<ServerSnapshot> {
+  const [configured, qemuExports, connections] = await Promise.all([
+    services.nbdServer.configured(),
+    services.qemu.exports(),
+    withConnections ? services.nbdServer.connections() : Promise.resolve(new Map<string, number[]>()),
+  ]);
+  const loaded = services.nbdServer.loaded();
+  const nbdRunning = services.nbdServer.status().running;
+  const qemuRunning = services.qemu.status().running;
+  const qemuPaths = new Set([...qemuExports.values()].map((e) => e.config.path));
+  return {
+    qemuPaths,
+    serving(server, exportName) {
+      if (server === 'nbd-server') {
+        const observation: ServingObservation = { server, exportName, running: nbdRunning };
+        const conf = configured.get(exportName);
+        const served = loaded.get(exportName);
+        const pids = connections.get(exportName);
+        if (conf !== undefined) observation.configured = conf;
+        if (served !== undefined && nbdRunning) observation.served = served;
+        if (pids) observation.connections = pids.length;
+        return observation;
+      }
+      const entry = qemuExports.get(exportName);
+      return {
+        server,
+        exportName,
+        running: qemuRunning,
+        ...(entry ? { served: entry.fingerprint || fingerprintOf(entry.config) } : {}),
+      };
+    },
+  };
+}
