@@ -31,7 +31,11 @@ export async function renderExportTable(statusDir: string, now: Date, wide = fal
   });
   if (rows.length === 0) return 'No resources found.\n';
   const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => (r[i] ?? '').length)));
-  const format = (row: string[]) => row.map((cell, i) => cell.padEnd(widths[i] ?? 0)).join('   ').trimEnd();
+  const format = (row: string[]) =>
+    row
+      .map((cell, i) => cell.padEnd(widths[i] ?? 0))
+      .join('   ')
+      .trimEnd();
   return `${[header, ...rows].map(format).join('\n')}\n`;
 }
 

@@ -72,7 +72,8 @@ export function parseRunOptions(argv: string[]): RunOptions {
   const source = values.source;
   let parsedSource: RunOptions['source'];
   if (source === 'kube') parsedSource = { kind: 'kube' };
-  else if (source.startsWith('dir:') && source.length > 4) parsedSource = { kind: 'dir', path: resolve(source.slice(4)) };
+  else if (source.startsWith('dir:') && source.length > 4)
+    parsedSource = { kind: 'dir', path: resolve(source.slice(4)) };
   else throw new UsageError(`--source must be "kube" or "dir:PATH", got "${source}"`);
 
   const rawServer = values['raw-server'];
@@ -82,7 +83,9 @@ export function parseRunOptions(argv: string[]): RunOptions {
   const stateDir = absolute('--state-dir', values['state-dir']);
   const listenAddress = values['listen-address'];
   const wildcard = listenAddress === '0.0.0.0' || listenAddress === '::';
-  const allowedRoots = (values['allowed-root'] ?? ['/var/lib/nbd-exports']).map((dir) => absolute('--allowed-root', dir));
+  const allowedRoots = (values['allowed-root'] ?? ['/var/lib/nbd-exports']).map((dir) =>
+    absolute('--allowed-root', dir),
+  );
   return {
     source: parsedSource,
     ...(values.kubeconfig === undefined ? {} : { kubeconfig: values.kubeconfig }),
@@ -90,7 +93,10 @@ export function parseRunOptions(argv: string[]): RunOptions {
     allowedRoots,
     allowedDevices: values['allowed-device'] ?? [],
     stateDir,
-    statusDir: values['status-dir'] === undefined ? join(stateDir, 'status') : absolute('--status-dir', values['status-dir']),
+    statusDir:
+      values['status-dir'] === undefined
+        ? join(stateDir, 'status')
+        : absolute('--status-dir', values['status-dir']),
     listenAddress,
     advertiseAddress: values['advertise-address'] ?? (wildcard ? firstHostAddress() : listenAddress),
     probeAddress: wildcard ? (listenAddress === '::' ? '::1' : '127.0.0.1') : listenAddress,
@@ -115,18 +121,21 @@ function absolute(flag: string, value: string): string {
 
 function port(flag: string, value: string, allowZero = false): number {
   const n = Number(value);
-  if (!Number.isInteger(n) || n < (allowZero ? 0 : 1) || n > 65535) throw new UsageError(`${flag} must be a port number, got "${value}"`);
+  if (!Number.isInteger(n) || n < (allowZero ? 0 : 1) || n > 65535)
+    throw new UsageError(`${flag} must be a port number, got "${value}"`);
   return n;
 }
 
 function positive(flag: string, value: string): number {
   const n = Number(value);
-  if (!Number.isInteger(n) || n < 1) throw new UsageError(`${flag} must be a positive whole number, got "${value}"`);
+  if (!Number.isInteger(n) || n < 1)
+    throw new UsageError(`${flag} must be a positive whole number, got "${value}"`);
   return n;
 }
 
 function firstHostAddress(): string {
   for (const addresses of Object.values(networkInterfaces()))
-    for (const address of addresses ?? []) if (address.family === 'IPv4' && !address.internal) return address.address;
+    for (const address of addresses ?? [])
+      if (address.family === 'IPv4' && !address.internal) return address.address;
   return '127.0.0.1';
 }

@@ -32,12 +32,20 @@ export class Controller {
   constructor(options: ControllerOptions) {
     this.#options = options;
     const logger = options.logger;
-    this.#reconciler = new Reconciler({ store: options.store, services: options.services, policy: options.policy, logger });
+    this.#reconciler = new Reconciler({
+      store: options.store,
+      services: options.services,
+      policy: options.policy,
+      logger,
+    });
     this.#queue = new WorkQueue({
       handler: (key) => this.#reconciler.reconcile(key),
       concurrency: options.concurrency ?? 4,
       onRetry: (key, error, delayMs, failures) =>
-        logger.warn({ key, error: error instanceof Error ? error.message : String(error), delayMs, failures }, 'reconcile failed; retrying'),
+        logger.warn(
+          { key, error: error instanceof Error ? error.message : String(error), delayMs, failures },
+          'reconcile failed; retrying',
+        ),
     });
   }
 
@@ -58,13 +66,15 @@ export class Controller {
         if (key) this.#queue.add(key);
       }
       // Resources waiting on a restart that named none of theirs still want a look.
-      for (const resource of store.list()) this.#queue.add(`${resource.metadata.namespace}/${resource.metadata.name}`);
+      for (const resource of store.list())
+        this.#queue.add(`${resource.metadata.namespace}/${resource.metadata.name}`);
     });
     store.onChange((key) => this.#queue.add(key));
     await store.start();
     logger.info({ resources: store.list().length }, 'source synced');
     await this.#sweep();
-    for (const resource of store.list()) this.#queue.add(`${resource.metadata.namespace}/${resource.metadata.name}`);
+    for (const resource of store.list())
+      this.#queue.add(`${resource.metadata.namespace}/${resource.metadata.name}`);
     this.#sweepTimer = setInterval(() => void this.#sweep(), this.#options.sweepIntervalMs ?? 60_000);
     this.#started = true;
   }
@@ -80,7 +90,10 @@ export class Controller {
     try {
       await sweepOrphans(this.#options.store, this.#options.services, this.#options.logger);
     } catch (error) {
-      this.#options.logger.warn({ error: error instanceof Error ? error.message : String(error) }, 'orphan sweep failed');
+      this.#options.logger.warn(
+        { error: error instanceof Error ? error.message : String(error) },
+        'orphan sweep failed',
+      );
     }
   }
 }

@@ -14,16 +14,21 @@ export interface HealthSources {
 export async function startHealthServer(host: string, port: number, sources: HealthSources): Promise<Server> {
   const server = createServer((request, response) => {
     const path = (request.url ?? '/').split('?')[0];
-    if (path === '/healthz') return void response.writeHead(200, { 'content-type': 'text/plain' }).end('ok\n');
+    if (path === '/healthz')
+      return void response.writeHead(200, { 'content-type': 'text/plain' }).end('ok\n');
     if (path === '/readyz') {
       const ready = sources.ready();
-      return void response.writeHead(ready ? 200 : 503, { 'content-type': 'text/plain' }).end(ready ? 'ok\n' : 'not synced\n');
+      return void response
+        .writeHead(ready ? 200 : 503, { 'content-type': 'text/plain' })
+        .end(ready ? 'ok\n' : 'not synced\n');
     }
     if (path === '/metrics') {
       const lines = sources
         .metrics()
         .flatMap((m) => [`# HELP ${m.name} ${m.help}`, `# TYPE ${m.name} ${m.type}`, `${m.name} ${m.value}`]);
-      return void response.writeHead(200, { 'content-type': 'text/plain; version=0.0.4' }).end(`${lines.join('\n')}\n`);
+      return void response
+        .writeHead(200, { 'content-type': 'text/plain; version=0.0.4' })
+        .end(`${lines.join('\n')}\n`);
     }
     response.writeHead(404).end();
   });

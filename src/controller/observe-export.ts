@@ -12,7 +12,6 @@ import type {
   ConflictObservation,
   ImageObservation,
   ObservedExport,
-  PathObservation,
   ProbeObservation,
   ServingObservation,
 } from '../plan/observed-state.js';
@@ -57,7 +56,8 @@ export async function observeExport(resource: NbdExport, context: ObserveContext
   if (path.kind === 'resolved' && path.exists) {
     observed.image = await inspect(services, path.realPath, file === undefined);
     const heldByUs = servers.qemuPaths.has(path.realPath);
-    if (!heldByUs && observed.image.kind === 'present') observed.lock = await services.images.probeLock(path.realPath);
+    if (!heldByUs && observed.image.kind === 'present')
+      observed.lock = await services.images.probeLock(path.realPath);
   } else if (path.kind === 'resolved') {
     observed.image = { kind: 'missing' };
     const backingFile = file?.create?.backingFile;

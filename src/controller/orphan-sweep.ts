@@ -9,14 +9,22 @@ import type { Logger } from 'pino';
 import type { ExportStore } from './export-store.js';
 import type { NodeServices } from './node-services.js';
 
-export async function sweepOrphans(store: ExportStore, services: NodeServices, logger: Logger): Promise<void> {
+export async function sweepOrphans(
+  store: ExportStore,
+  services: NodeServices,
+  logger: Logger,
+): Promise<void> {
   if (!store.synced) return;
   const { ledger, nbdServer, qemu } = services;
   const liveUids = new Set(store.list().map((r) => r.metadata.uid));
   for (const record of ledger.all()) {
     if (liveUids.has(record.uid)) continue;
-    logger.warn({ key: record.key, export: record.exportName }, 'resource gone without cleanup; retiring its export, keeping files');
-    if (record.exportName !== undefined && record.server === 'nbd-server') await nbdServer.removeExport(record.exportName);
+    logger.warn(
+      { key: record.key, export: record.exportName },
+      'resource gone without cleanup; retiring its export, keeping files',
+    );
+    if (record.exportName !== undefined && record.server === 'nbd-server')
+      await nbdServer.removeExport(record.exportName);
     if (record.exportName !== undefined && record.server === 'qemu-storage-daemon')
       await qemu.removeExport(record.exportName, { force: true }).catch((error: unknown) => {
         logger.warn({ key: record.key, error: String(error) }, 'could not remove orphaned qemu export');
@@ -24,14 +32,17 @@ export async function sweepOrphans(store: ExportStore, services: NodeServices, l
     await ledger.forget(record.uid);
   }
 
-  const owned = new Set(ledger.all().flatMap((r) => (r.exportName === undefined ? [] : [`${r.server}/${r.exportName}`])));
+  const owned = new Set(
+    ledger.all().flatMap((r) => (r.exportName === undefined ? [] : [`${r.server}/${r.exportName}`])),
+  );
   let nbdChanged = false;
   for (const exportName of (await nbdServer.configured()).keys()) {
     if (owned.has(`nbd-server/${exportName}`)) continue;
     logger.warn({ export: exportName }, 'nbd-server export owned by no resource; removing it');
     nbdChanged = (await nbdServer.removeExport(exportName)) || nbdChanged;
   }
-  if (nbdChanged || [...nbdServer.loaded().keys()].some((name) => !owned.has(`nbd-server/${name}`))) nbdServer.requestApply();
+  if (nbdChanged || [...nbdServer.loaded().keys()].some((name) => !owned.has(`nbd-server/${name}`)))
+    nbdServer.requestApply();
   for (const exportName of (await qemu.exports()).keys()) {
     if (owned.has(`qemu-storage-daemon/${exportName}`)) continue;
     logger.warn({ export: exportName }, 'qemu-storage-daemon export owned by no resource; removing it');

@@ -161,7 +161,12 @@ export class Reconciler {
           const { ino } = await stat(action.path);
           await ledger.record(uid, key, { createdImage: { path: action.path, inode: ino } });
           log.info({ path: action.path, ms: Date.now() - started }, 'image created');
-          await this.#event(key, 'Normal', EventReason.ImageCreated, `created ${action.format} image ${action.path}`);
+          await this.#event(
+            key,
+            'Normal',
+            EventReason.ImageCreated,
+            `created ${action.format} image ${action.path}`,
+          );
           break;
         }
         case 'deleteImage':
@@ -188,14 +193,18 @@ export class Reconciler {
             await qemu.addExport(action.config);
             log.info({ export: action.config.exportName }, 'qemu-storage-daemon export added');
           } catch (error) {
-            if (errorName(error) === 'ImageLockedError') return { kind: 'lock', message: errorMessage(error) };
+            if (errorName(error) === 'ImageLockedError')
+              return { kind: 'lock', message: errorMessage(error) };
             throw error;
           }
           break;
         case 'removeQemuExport':
           try {
             await qemu.removeExport(action.exportName, { force: action.force });
-            log.info({ export: action.exportName, force: action.force }, 'qemu-storage-daemon export removed');
+            log.info(
+              { export: action.exportName, force: action.force },
+              'qemu-storage-daemon export removed',
+            );
           } catch (error) {
             if (errorName(error) === 'ExportBusyError') return { kind: 'busy', message: errorMessage(error) };
             throw error;
@@ -203,7 +212,11 @@ export class Reconciler {
           break;
         case 'probe': {
           const port = action.server === 'nbd-server' ? this.#policy.nbdServerPort : this.#policy.qemuPort;
-          const result = await this.#services.probe({ host: this.#policy.probeHost, port, exportName: action.exportName });
+          const result = await this.#services.probe({
+            host: this.#policy.probeHost,
+            port,
+            exportName: action.exportName,
+          });
           this.#probes.set(key, {
             fingerprint: action.fingerprint,
             at: Date.now(),
@@ -225,7 +238,12 @@ export class Reconciler {
       const info = await stat(path);
       if (inode !== undefined && info.ino !== inode) {
         log.warn({ path }, 'not deleting: the file was replaced since the controller created it');
-        await this.#event(key, 'Warning', EventReason.ImageRetained, `${path} was replaced after creation; kept`);
+        await this.#event(
+          key,
+          'Warning',
+          EventReason.ImageRetained,
+          `${path} was replaced after creation; kept`,
+        );
         return;
       }
       await unlink(path);
@@ -293,7 +311,9 @@ function busyPlan(plan: ExportPlan, message: string): ExportPlan {
     actions: [],
     requeueAfterMs: RETRY_SOON_MS,
     conditions: plan.conditions.map((c) =>
-      c.type === 'ImageReady' ? c : { ...c, status: 'False', reason: Reason.RestartPending, message: waitingFor },
+      c.type === 'ImageReady'
+        ? c
+        : { ...c, status: 'False', reason: Reason.RestartPending, message: waitingFor },
     ),
   };
 }

@@ -48,6 +48,8 @@ export interface PlanInput {
 
 /** How long to wait before looking again at something outside our control. */
 export const RETRY_SOON_MS = 5_000;
+/** Files and locks change without any event reaching the controller: look again now and then. */
+export const RECHECK_FILESYSTEM_MS = 15_000;
 
 export function planExport({ resource, observed, policy }: PlanInput): ExportPlan {
   const hasFinalizer = resource.metadata.finalizers?.includes(FINALIZER) ?? false;
@@ -148,6 +150,7 @@ export function planExport({ resource, observed, policy }: PlanInput): ExportPla
         `another process holds a write lock on ${specPath}: ${observed.lock.message}. Stop that process or export a different file; the controller does not break locks.`,
       ),
       fields: imageFields,
+      requeueAfterMs: RECHECK_FILESYSTEM_MS,
     };
 
   const createdHere = observed.ledger?.createdImage?.path === path.realPath;
@@ -229,10 +232,13 @@ function planCreation(
     );
   const create = file.create;
   if (!create)
-    return notReady(
-      Reason.ImageNotFound,
-      `${file.path} does not exist; create it, or set spec.source.file.create to have the controller create it`,
-    );
+    return {
+      ...notReady(
+        Reason.ImageNotFound,
+        `${file.path} does not exist; create it, or set spec.source.file.create to have the controller create it`,
+      ),
+      requeueAfterMs: RECHECK_FILESYSTEM_MS,
+    };
 
   let backingFile: string | undefined;
   if (create.backingFile !== undefined) {
@@ -246,10 +252,13 @@ function planCreation(
         `backing file ${create.backingFile} resolves to ${backing.realPath}, outside this node's allowed roots`,
       );
     if (observed.backingImage.kind !== 'present')
-      return notReady(
-        Reason.BackingFileNotFound,
-        `backing file ${create.backingFile} ${observed.backingImage.kind === 'missing' ? 'does not exist' : `cannot be read: ${observed.backingImage.message}`}`,
-      );
+      return {
+        ...notReady(
+          Reason.BackingFileNotFound,
+          `backing file ${create.backingFile} ${observed.backingImage.kind === 'missing' ? 'does not exist' : `cannot be read: ${observed.backingImage.message}`}`,
+        ),
+        requeueAfterMs: RETRY_SOON_MS,
+      };
     backingFile = backing.realPath;
   }
   const size = create.size === undefined ? undefined : parseQuantity(create.size);

@@ -80,7 +80,9 @@ export class DirectoryExportStore {
     this.#synced = true;
     try {
       this.#watcher = watch(this.#options.sourceDir, () => this.#requestScan());
-      this.#watcher.on('error', (error) => this.#log.warn({ error: error.message }, 'directory watch failed; polling'));
+      this.#watcher.on('error', (error) =>
+        this.#log.warn({ error: error.message }, 'directory watch failed; polling'),
+      );
     } catch (error) {
       this.#log.warn({ error: String(error) }, 'cannot watch the directory; polling only');
     }
@@ -122,7 +124,10 @@ export class DirectoryExportStore {
   async addFinalizer(key: ResourceKey): Promise<void> {
     const object = this.#objects.get(key);
     if (!object || object.metadata.finalizers?.includes(FINALIZER)) return;
-    const next = { ...object, metadata: { ...object.metadata, finalizers: [...(object.metadata.finalizers ?? []), FINALIZER] } };
+    const next = {
+      ...object,
+      metadata: { ...object.metadata, finalizers: [...(object.metadata.finalizers ?? []), FINALIZER] },
+    };
     await this.#persist(next);
     this.#objects.set(key, next);
   }
@@ -142,7 +147,10 @@ export class DirectoryExportStore {
     this.#objects.set(key, next);
   }
 
-  async recordEvent(key: ResourceKey, event: { type: string; reason: string; message: string }): Promise<void> {
+  async recordEvent(
+    key: ResourceKey,
+    event: { type: string; reason: string; message: string },
+  ): Promise<void> {
     const log = this.#log.child({ key, event: event.reason });
     if (event.type === 'Warning') log.warn(event.message);
     else log.info(event.message);
@@ -190,13 +198,17 @@ export class DirectoryExportStore {
         continue;
       }
       seen.add(key);
-      if (typeof parsed.spec.nodeName === 'string' && parsed.spec.nodeName !== this.#options.nodeName) continue;
+      if (typeof parsed.spec.nodeName === 'string' && parsed.spec.nodeName !== this.#options.nodeName)
+        continue;
       await this.#upsert(key, parsed);
     }
     for (const [key, object] of this.#objects) {
       if (seen.has(key) || object.metadata.deletionTimestamp !== undefined) continue;
       if (object.metadata.finalizers?.length) {
-        const next = { ...object, metadata: { ...object.metadata, deletionTimestamp: formatTime(this.#now()) } };
+        const next = {
+          ...object,
+          metadata: { ...object.metadata, deletionTimestamp: formatTime(this.#now()) },
+        };
         await this.#persist(next);
         this.#objects.set(key, next);
       } else {
@@ -208,7 +220,9 @@ export class DirectoryExportStore {
   }
 
   async #readSourceDocuments(): Promise<{ file: string; document: unknown }[]> {
-    const files = (await readdir(this.#options.sourceDir)).filter((n) => /\.ya?ml$/.test(n) && !n.startsWith('.')).sort();
+    const files = (await readdir(this.#options.sourceDir))
+      .filter((n) => /\.ya?ml$/.test(n) && !n.startsWith('.'))
+      .sort();
     const result: { file: string; document: unknown }[] = [];
     for (const file of files) {
       let documents: unknown[];
@@ -223,9 +237,11 @@ export class DirectoryExportStore {
         );
         documents = kept ?? [];
       }
-      for (const document of documents) if (document !== null && document !== undefined) result.push({ file, document });
+      for (const document of documents)
+        if (document !== null && document !== undefined) result.push({ file, document });
     }
-    for (const file of this.#lastGoodDocuments.keys()) if (!files.includes(file)) this.#lastGoodDocuments.delete(file);
+    for (const file of this.#lastGoodDocuments.keys())
+      if (!files.includes(file)) this.#lastGoodDocuments.delete(file);
     return result;
   }
 
@@ -237,17 +253,32 @@ export class DirectoryExportStore {
     const name = metadata['name'];
     const namespace = metadata['namespace'] ?? DEFAULT_NAMESPACE;
     if (doc['apiVersion'] !== API_GROUP_VERSION) {
-      this.#log.error({ file, apiVersion: doc['apiVersion'] }, `NbdExport must have apiVersion ${API_GROUP_VERSION}`);
+      this.#log.error(
+        { file, apiVersion: doc['apiVersion'] },
+        `NbdExport must have apiVersion ${API_GROUP_VERSION}`,
+      );
       return undefined;
     }
-    if (typeof name !== 'string' || !NAME_PATTERN.test(name) || typeof namespace !== 'string' || !NAMESPACE_PATTERN.test(namespace)) {
-      this.#log.error({ file, name, namespace }, 'NbdExport needs a valid metadata.name (and namespace, if given)');
+    if (
+      typeof name !== 'string' ||
+      !NAME_PATTERN.test(name) ||
+      typeof namespace !== 'string' ||
+      !NAMESPACE_PATTERN.test(namespace)
+    ) {
+      this.#log.error(
+        { file, name, namespace },
+        'NbdExport needs a valid metadata.name (and namespace, if given)',
+      );
       return undefined;
     }
     return {
       apiVersion: API_GROUP_VERSION,
       kind: KIND,
-      metadata: { name, namespace, ...(isStringMap(metadata['labels']) ? { labels: metadata['labels'] } : {}) },
+      metadata: {
+        name,
+        namespace,
+        ...(isStringMap(metadata['labels']) ? { labels: metadata['labels'] } : {}),
+      },
       spec: (doc['spec'] ?? {}) as NbdExportSpec,
     };
   }
@@ -269,7 +300,12 @@ export class DirectoryExportStore {
     if (existing) return; // being deleted: a document with the same name waits for cleanup to finish
     const created: NbdExport = {
       ...incoming,
-      metadata: { ...incoming.metadata, uid: randomUUID(), generation: 1, creationTimestamp: formatTime(this.#now()) },
+      metadata: {
+        ...incoming.metadata,
+        uid: randomUUID(),
+        generation: 1,
+        creationTimestamp: formatTime(this.#now()),
+      },
     };
     await this.#persist(created);
     this.#objects.set(key, created);
@@ -294,9 +330,15 @@ export class DirectoryExportStore {
 
 function isNbdExport(value: unknown): value is NbdExport {
   const v = value as NbdExport | undefined;
-  return typeof v?.metadata?.name === 'string' && typeof v.metadata.namespace === 'string' && typeof v.spec === 'object';
+  return (
+    typeof v?.metadata?.name === 'string' &&
+    typeof v.metadata.namespace === 'string' &&
+    typeof v.spec === 'object'
+  );
 }
 
 function isStringMap(value: unknown): value is Record<string, string> {
-  return typeof value === 'object' && value !== null && Object.values(value).every((v) => typeof v === 'string');
+  return (
+    typeof value === 'object' && value !== null && Object.values(value).every((v) => typeof v === 'string')
+  );
 }
