@@ -188,7 +188,7 @@ describe('WatchLoop', { timeout: 30_000 }, () => {
   it('keeps a watch that hears bookmarks in time', async () => {
     server = await new FakeApiServer().start();
     server.put(makeExport('ns', 'a'));
-    const { loop } = await startLoop({ idleTimeoutMs: 2000 });
+    const { loop } = await startLoop({ idleTimeoutMs: 5000 });
     await vi.waitFor(() => expect(server.watches.size).toBe(1), eventually);
     for (let i = 0; i < 6; i++) {
       server.bookmark();
