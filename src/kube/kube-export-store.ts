@@ -168,9 +168,12 @@ export class KubeExportStore implements ExportStore {
     }
   }
 
+  /** Adds FINALIZER; nothing to do when present, or when the resource is being deleted (the API forbids it). */
   addFinalizer(key: ResourceKey): Promise<void> {
-    return this.#patchFinalizers(key, (finalizers) =>
-      finalizers.includes(FINALIZER) ? undefined : [...finalizers, FINALIZER],
+    return this.#patchFinalizers(key, (finalizers, object) =>
+      finalizers.includes(FINALIZER) || object.metadata.deletionTimestamp !== undefined
+        ? undefined
+        : [...finalizers, FINALIZER],
     );
   }
 
@@ -200,7 +203,8 @@ export class KubeExportStore implements ExportStore {
         body: {
           apiVersion: 'events.k8s.io/v1',
           kind: 'Event',
-          metadata: { generateName: `${name.slice(0, 200)}.`, namespace },
+          // Named as client-go names events; generateName would need a name ending in [a-z0-9].
+          metadata: { name: eventName(name, now), namespace },
           eventTime: microTime(now),
           reportingController: REPORTING_CONTROLLER,
           reportingInstance: this.#nodeName.slice(0, 128),
@@ -235,12 +239,12 @@ export class KubeExportStore implements ExportStore {
    */
   async #patchFinalizers(
     key: ResourceKey,
-    change: (finalizers: string[]) => string[] | undefined,
+    change: (finalizers: string[], object: NbdExport) => string[] | undefined,
   ): Promise<void> {
     let object: NbdExport | undefined = this.#watch.get(key) ?? (await this.#read(key));
     for (let attempt = 1; ; attempt++) {
       if (object === undefined) return; // gone: nothing to add to or remove from
-      const finalizers = change(object.metadata.finalizers ?? []);
+      const finalizers = change(object.metadata.finalizers ?? [], object);
       if (finalizers === undefined) return;
       this.#counters.finalizerPatchesTotal++;
       try {
@@ -303,6 +307,15 @@ export function jsonEqual(a: unknown, b: unknown): boolean {
   const left = Object.entries(a).filter(([, v]) => v !== undefined);
   const right = new Map(Object.entries(b).filter(([, v]) => v !== undefined));
   return left.length === right.size && left.every(([k, v]) => right.has(k) && jsonEqual(v, right.get(k)));
+}
+
+/** `<object name>.<hex time and random>`: unique, and a valid DNS subdomain. */
+function eventName(objectName: string, now: number): string {
+  const suffix = (
+    BigInt(Math.round(now)) * 1_000_000n +
+    BigInt(Math.floor(Math.random() * 1_000_000))
+  ).toString(16);
+  return `${objectName.slice(0, 253 - suffix.length - 1)}.${suffix}`;
 }
 
 /** metav1.MicroTime: RFC 3339 with six fractional digits. */

@@ -135,6 +135,15 @@ describe('KubeExportStore', { timeout: 30_000 }, () => {
     expect(patch?.body).toEqual({ metadata: { resourceVersion: rv, finalizers: [FINALIZER] } });
   });
 
+  it('adds no finalizer to a resource being deleted', async () => {
+    const object = makeExport('ns', 'a');
+    object.metadata.deletionTimestamp = '2026-11-25T10:00:00Z';
+    object.metadata.finalizers = ['someone.else/keep'];
+    const { store } = await startStore([object]);
+    await store.addFinalizer('ns/a');
+    expect(server.requestsOf('PATCH')).toHaveLength(0);
+  });
+
   it('retries a finalizer patch that meets 409 Conflict with a fresh read', async () => {
     const object = makeExport('ns', 'a');
     object.metadata.finalizers = ['someone.else/keep'];
@@ -179,7 +188,7 @@ describe('KubeExportStore', { timeout: 30_000 }, () => {
       {
         apiVersion: 'events.k8s.io/v1',
         kind: 'Event',
-        metadata: { generateName: 'a.', namespace: 'ns' },
+        metadata: { name: expect.stringMatching(/^a\.[0-9a-f]+$/) as unknown, namespace: 'ns' },
         eventTime: '2026-11-25T10:00:00.123000Z',
         reportingController: 'nbd.dev/nbd-export-controller',
         reportingInstance: 'node-a',
