@@ -62,7 +62,8 @@ async function handshake(socket: Socket, reader: SocketReader, exportName: strin
   if (greeting.readBigUInt64BE(0) !== NBDMAGIC || greeting.readBigUInt64BE(8) !== IHAVEOPT)
     return { ok: false, message: 'not an NBD server speaking the newstyle protocol' };
   const serverFlags = greeting.readUInt16BE(16);
-  if (!(serverFlags & FLAG_FIXED_NEWSTYLE)) return { ok: false, message: 'server lacks fixed-newstyle negotiation' };
+  if (!(serverFlags & FLAG_FIXED_NEWSTYLE))
+    return { ok: false, message: 'server lacks fixed-newstyle negotiation' };
   const clientFlags = Buffer.alloc(4);
   clientFlags.writeUInt32BE(FLAG_FIXED_NEWSTYLE | (serverFlags & FLAG_NO_ZEROES));
   socket.write(clientFlags);

@@ -7,19 +7,36 @@ import { lstat, realpath, stat } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 
 export type ResolvedPath =
-  | { kind: 'resolved'; realPath: string; exists: boolean; parentExists: boolean; isBlockDevice: boolean; isFile: boolean }
+  | {
+      kind: 'resolved';
+      realPath: string;
+      exists: boolean;
+      parentExists: boolean;
+      isBlockDevice: boolean;
+      isFile: boolean;
+    }
   | { kind: 'error'; message: string };
 
 export async function resolvePath(path: string): Promise<ResolvedPath> {
   try {
     const realPath = await realpath(path);
     const info = await stat(realPath);
-    return { kind: 'resolved', realPath, exists: true, parentExists: true, isBlockDevice: info.isBlockDevice(), isFile: info.isFile() };
+    return {
+      kind: 'resolved',
+      realPath,
+      exists: true,
+      parentExists: true,
+      isBlockDevice: info.isBlockDevice(),
+      isFile: info.isFile(),
+    };
   } catch (error) {
     if (!isNotFound(error)) return { kind: 'error', message: `cannot resolve ${path}: ${describe(error)}` };
   }
   if (await isDanglingSymlink(path))
-    return { kind: 'error', message: `${path} is a symlink to a file that does not exist; refusing to create through it` };
+    return {
+      kind: 'error',
+      message: `${path} is a symlink to a file that does not exist; refusing to create through it`,
+    };
 
   const missing: string[] = [];
   let ancestor = path;
@@ -37,7 +54,8 @@ export async function resolvePath(path: string): Promise<ResolvedPath> {
         isFile: false,
       };
     } catch (error) {
-      if (!isNotFound(error)) return { kind: 'error', message: `cannot resolve ${ancestor}: ${describe(error)}` };
+      if (!isNotFound(error))
+        return { kind: 'error', message: `cannot resolve ${ancestor}: ${describe(error)}` };
       if (ancestor === '/') return { kind: 'error', message: `cannot resolve ${path}` };
     }
   }
