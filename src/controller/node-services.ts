@@ -31,9 +31,13 @@ export interface QemuServerControl {
 export type CreateImageRequest = Omit<Extract<Action, { kind: 'createImage' }>, 'kind'>;
 
 export interface ImageTools {
-  inspect(path: string, options: { forceShare: boolean; format?: 'raw' }): Promise<ImageInfo>;
+  inspect(path: string, options: { forceShare: boolean }): Promise<ImageInfo>;
   probeLock(path: string): Promise<LockObservation>;
-  create(request: CreateImageRequest): Promise<void>;
+  /** Creates without ever overwriting; returns the new file's inode for the ledger. */
+  create(request: CreateImageRequest): Promise<{ inode: number }>;
+  makeParentDirectories(path: string): Promise<void>;
+  /** Deletes only the very file that was created (same inode, when one was recorded). */
+  remove(path: string, inode: number | undefined): Promise<'deleted' | 'replaced' | 'missing'>;
 }
 
 export interface NodeServices {

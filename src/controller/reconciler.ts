@@ -3,8 +3,6 @@
  * write status. Every decision is the planner's; every effect is an executor's.
  * Level-triggered: a run starts from what is, not from the event that caused it.
  */
-import { stat, unlink, mkdir } from 'node:fs/promises';
-import { dirname } from 'node:path';
 import type { Logger } from 'pino';
 import { setConditions, findCondition } from '../api/conditions.js';
 import { effectiveExportName } from '../api/export-name.js';
@@ -151,15 +149,14 @@ export class Reconciler {
           await ledger.forget(uid);
           break;
         case 'makeParentDirectories':
-          await mkdir(dirname(action.path), { recursive: true, mode: 0o750 });
+          await images.makeParentDirectories(action.path);
           break;
         case 'createImage': {
           const { kind: _, ...request } = action;
           const started = Date.now();
           log.info({ path: action.path, format: action.format }, 'creating image');
-          await images.create(request);
-          const { ino } = await stat(action.path);
-          await ledger.record(uid, key, { createdImage: { path: action.path, inode: ino } });
+          const { inode } = await images.create(request);
+          await ledger.record(uid, key, { createdImage: { path: action.path, inode } });
           log.info({ path: action.path, ms: Date.now() - started }, 'image created');
           await this.#event(
             key,
@@ -234,23 +231,18 @@ export class Reconciler {
 
   /** Deletes an image only if it is still the very file this controller created. */
   async #deleteImage(key: ResourceKey, path: string, inode: number | undefined, log: Logger): Promise<void> {
-    try {
-      const info = await stat(path);
-      if (inode !== undefined && info.ino !== inode) {
-        log.warn({ path }, 'not deleting: the file was replaced since the controller created it');
-        await this.#event(
-          key,
-          'Warning',
-          EventReason.ImageRetained,
-          `${path} was replaced after creation; kept`,
-        );
-        return;
-      }
-      await unlink(path);
+    const outcome = await this.#services.images.remove(path, inode);
+    if (outcome === 'replaced') {
+      log.warn({ path }, 'not deleting: the file was replaced since the controller created it');
+      await this.#event(
+        key,
+        'Warning',
+        EventReason.ImageRetained,
+        `${path} was replaced after creation; kept`,
+      );
+    } else if (outcome === 'deleted') {
       log.info({ path }, 'deleted created image (deletionPolicy: Delete)');
       await this.#event(key, 'Normal', EventReason.ImageDeleted, `deleted ${path}`);
-    } catch (error) {
-      if ((error as NodeJS.ErrnoException).code !== 'ENOENT') throw error;
     }
   }
 

@@ -1,0 +1,192 @@
+/**
+ * Fakes at the controller's boundary (the ExportStore and the node services), for unit
+ * tests of the glue. The real programs are exercised by the integration tests.
+ */
+import { mkdtemp } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { fingerprintOf, type ExportConfig } from '../../../src/api/export-config.js';
+import { keyOf, type NbdExport, type NbdExportStatus, FINALIZER } from '../../../src/api/types.js';
+import type { ExportEvent, ExportStore } from '../../../src/controller/export-store.js';
+import type { CreateImageRequest, NodeServices } from '../../../src/controller/node-services.js';
+import type { ProbeResult, ProbeTarget } from '../../../src/node/nbd-probe.js';
+import { OwnershipLedger } from '../../../src/node/ownership-ledger.js';
+import type { ImageInfo, LockObservation, PathObservation } from '../../../src/plan/observed-state.js';
+
+export class FakeStore implements ExportStore {
+  readonly objects = new Map<string, NbdExport>();
+  readonly events: (ExportEvent & { key: string })[] = [];
+  statusWrites = 0;
+  synced = true;
+  #listeners: ((key: string) => void)[] = [];
+
+  put(object: NbdExport): void {
+    this.objects.set(keyOf(object.metadata), structuredClone(object));
+    for (const l of this.#listeners) l(keyOf(object.metadata));
+  }
+  start = () => Promise.resolve();
+  stop = () => Promise.resolve();
+  list = () => [...this.objects.values()];
+  get = (key: string) => this.objects.get(key);
+  onChange(listener: (key: string) => void): void {
+    this.#listeners.push(listener);
+  }
+  updateStatus(key: string, status: NbdExportStatus): Promise<void> {
+    const object = this.objects.get(key);
+    if (object && JSON.stringify(object.status ?? {}) !== JSON.stringify(status)) {
+      this.statusWrites++;
+      object.status = structuredClone(status);
+    }
+    return Promise.resolve();
+  }
+  addFinalizer(key: string): Promise<void> {
+    const object = this.objects.get(key);
+    if (object && !object.metadata.finalizers?.includes(FINALIZER))
+      object.metadata.finalizers = [...(object.metadata.finalizers ?? []), FINALIZER];
+    return Promise.resolve();
+  }
+  removeFinalizer(key: string): Promise<void> {
+    const object = this.objects.get(key);
+    if (!object) return Promise.resolve();
+    object.metadata.finalizers = (object.metadata.finalizers ?? []).filter((f) => f !== FINALIZER);
+    if (object.metadata.deletionTimestamp && object.metadata.finalizers.length === 0)
+      this.objects.delete(key);
+    return Promise.resolve();
+  }
+  recordEvent(key: string, event: ExportEvent): Promise<void> {
+    this.events.push({ key, ...event });
+    return Promise.resolve();
+  }
+}
+
+/** A node in memory: files, an nbd-server that applies on request, a qemu daemon, a probe. */
+export class FakeNode {
+  readonly files = new Map<string, ImageInfo>();
+  readonly locks = new Map<string, string>();
+  readonly nbdConfigured = new Map<string, ExportConfig>();
+  nbdLoaded = new Map<string, string>();
+  nbdApplies = 0;
+  readonly qemuServed = new Map<string, ExportConfig>();
+  /** Export names whose qemu removal fails as busy (a client is connected). */
+  readonly busy = new Set<string>();
+  readonly created: CreateImageRequest[] = [];
+  ledger!: OwnershipLedger;
+  #appliedListeners: ((names: string[]) => void)[] = [];
+
+  async init(): Promise<this> {
+    this.ledger = new OwnershipLedger(join(await mkdtemp(join(tmpdir(), 'ledger-')), 'ledger'));
+    await this.ledger.load();
+    return this;
+  }
+
+  /** What the coalesced restart does, run by the test when it wants. */
+  applyNbd(): void {
+    this.nbdApplies++;
+    this.nbdLoaded = new Map([...this.nbdConfigured].map(([name, config]) => [name, fingerprintOf(config)]));
+    for (const l of this.#appliedListeners) l([...this.nbdLoaded.keys()]);
+  }
+
+  services(): NodeServices {
+    let applyRequested = false;
+    return {
+      ledger: this.ledger,
+      nbdServer: {
+        writeExport: (config) => {
+          const changed =
+            fingerprintOf(config) !== fingerprintOfOrUndefined(this.nbdConfigured.get(config.exportName));
+          this.nbdConfigured.set(config.exportName, config);
+          return Promise.resolve(changed);
+        },
+        removeExport: (name) => Promise.resolve(this.nbdConfigured.delete(name)),
+        configured: () =>
+          Promise.resolve(
+            new Map([...this.nbdConfigured].map(([n, c]) => [n, fingerprintOf(c)] as [string, string])),
+          ),
+        loaded: () => this.nbdLoaded,
+        requestApply: () => {
+          if (applyRequested) return;
+          applyRequested = true;
+          queueMicrotask(() => {
+            applyRequested = false;
+            this.applyNbd();
+          });
+        },
+        connections: () => Promise.resolve(new Map()),
+        disconnect: () => Promise.resolve(0),
+        status: () => ({ running: true }),
+        onApplied: (listener) => void this.#appliedListeners.push(listener),
+      },
+      qemu: {
+        exports: () =>
+          Promise.resolve(
+            new Map([...this.qemuServed].map(([n, c]) => [n, { fingerprint: fingerprintOf(c), config: c }])),
+          ),
+        addExport: (config) => {
+          const lock = this.locks.get(config.path);
+          if (lock) return Promise.reject(Object.assign(new Error(lock), { name: 'ImageLockedError' }));
+          this.qemuServed.set(config.exportName, config);
+          return Promise.resolve();
+        },
+        removeExport: (name, { force }) => {
+          if (this.busy.has(name) && !force)
+            return Promise.reject(
+              Object.assign(new Error(`export ${name} has a client`), { name: 'ExportBusyError' }),
+            );
+          this.qemuServed.delete(name);
+          return Promise.resolve();
+        },
+        status: () => ({ running: true }),
+      },
+      images: {
+        inspect: (path) => {
+          const info = this.files.get(path);
+          return info
+            ? Promise.resolve(info)
+            : Promise.reject(
+                Object.assign(new Error(`${path}: No such file or directory`), { code: 'ENOENT' }),
+              );
+        },
+        probeLock: (path): Promise<LockObservation> => {
+          const message = this.locks.get(path);
+          return Promise.resolve(message ? { locked: true, message } : { locked: false });
+        },
+        create: (request) => {
+          this.created.push(request);
+          this.files.set(request.path, {
+            format: request.format,
+            virtualSize: request.sizeBytes ?? this.files.get(request.backingFile ?? '')?.virtualSize ?? 0,
+            actualSize: 196608,
+            backingChain: request.backingFile ? [request.backingFile] : [],
+          });
+          return Promise.resolve({ inode: this.created.length });
+        },
+        makeParentDirectories: () => Promise.resolve(),
+        remove: (path) => Promise.resolve(this.files.delete(path) ? 'deleted' : 'missing'),
+      },
+      resolvePath: (path): Promise<PathObservation> =>
+        Promise.resolve({
+          kind: 'resolved',
+          realPath: path,
+          exists: this.files.has(path),
+          parentExists: true,
+          isFile: this.files.has(path),
+          isBlockDevice: false,
+        }),
+      probe: (target: ProbeTarget): Promise<ProbeResult> => {
+        const served =
+          [...this.qemuServed.values()].find((c) => c.exportName === target.exportName) ??
+          (this.nbdLoaded.has(target.exportName) ? this.nbdConfigured.get(target.exportName) : undefined);
+        const info = served ? this.files.get(served.path) : undefined;
+        return Promise.resolve(
+          info
+            ? { ok: true, size: info.virtualSize, readOnly: served?.readOnly ?? false }
+            : { ok: false, message: 'unknown export' },
+        );
+      },
+    };
+  }
+}
+
+function fingerprintOfOrUndefined(config: ExportConfig | undefined): string | undefined {
+  return config ? fingerprintOf(config) : undefined;
+}
