@@ -6,9 +6,16 @@ import tseslint from 'typescript-eslint';
 const layer = (files, forbidden) => ({
   files,
   rules: {
-    'no-restricted-imports': [
+    // Type-only imports are allowed: a layer may implement an interface declared by the one that uses it.
+    '@typescript-eslint/no-restricted-imports': [
       'error',
-      { patterns: forbidden.map((dir) => ({ group: [`**/${dir}/*`], message: `this layer may not import ${dir}/` })) },
+      {
+        patterns: forbidden.map((dir) => ({
+          group: [`**/${dir}/*`],
+          message: `this layer may not import ${dir}/`,
+          allowTypeImports: true,
+        })),
+      },
     ],
   },
 });

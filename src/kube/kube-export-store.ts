@@ -23,7 +23,6 @@ import {
   type ResourceKey,
 } from '../api/types.js';
 // Type-only: the contract this class implements (the one import of controller/ that kube/ may make).
-// eslint-disable-next-line no-restricted-imports
 import type { ExportEvent, ExportStore } from '../controller/export-store.js';
 import { CONTENT_TYPE_MERGE_PATCH, isKubeApiError, type KubeTransport } from './kube-client.js';
 import { WatchLoop, type WatchLoopMetrics, type WatchLoopOptions } from './watch-loop.js';
