@@ -4,12 +4,12 @@
  * one "node" of the end-to-end tests.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
-import { readdirSync, readFileSync, statSync } from 'node:fs';
-import { mkdir, mkdtemp, open, readFile, realpath, rm, stat } from 'node:fs/promises';
+import { readdirSync, readFileSync, readlinkSync } from 'node:fs';
+import { access, mkdir, mkdtemp, open, readFile, realpath, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { basename, join } from 'node:path';
 import { execa } from 'execa';
-import { REPO_ROOT, freePorts } from './repo.js';
+import { REPO_ROOT, freePorts, isRunning } from './repo.js';
 import { waitFor } from './poll.js';
 
 export const CONTROLLER_BIN = join(REPO_ROOT, 'bin', 'nbd-export-controller');
@@ -17,17 +17,12 @@ export const CONTROLLER_BIN = join(REPO_ROOT, 'bin', 'nbd-export-controller');
 let build: Promise<void> | undefined;
 
 /**
- * Makes sure dist/ holds a build of the current src/: builds once (per test process) when
- * dist/main.js is missing or older than a source file. A failed build fails the test with the
- * compiler's output.
+ * Builds dist/ from the current src/ (`npm run build`), once per test process. Always, not
+ * only when dist/ looks stale: tsc writes its output even when it reports errors, so a fresh
+ * dist/ proves nothing. A failed build fails the test with the compiler's output.
  */
 export function ensureBuilt(): Promise<void> {
   build ??= (async () => {
-    const built = await stat(join(REPO_ROOT, 'dist', 'main.js')).then(
-      (s) => s.mtimeMs,
-      () => 0,
-    );
-    if (built > 0 && built >= newestSourceMtime(join(REPO_ROOT, 'src'))) return;
     const tsc = join(REPO_ROOT, 'node_modules', 'typescript', 'bin', 'tsc');
     const result = await execa(process.execPath, [tsc, '-p', 'tsconfig.build.json'], {
       cwd: REPO_ROOT,
@@ -36,16 +31,21 @@ export function ensureBuilt(): Promise<void> {
     });
     if (result.exitCode !== 0)
       throw new Error(`npm run build failed, so the controller cannot run:\n${String(result.all)}`);
+    await access(join(REPO_ROOT, 'dist', 'main.js'));
   })();
   return build;
 }
 
-function newestSourceMtime(dir: string): number {
-  let newest = 0;
-  for (const entry of readdirSync(dir, { withFileTypes: true, recursive: true }))
-    if (entry.isFile() && entry.name.endsWith('.ts'))
-      newest = Math.max(newest, statSync(join(entry.parentPath, entry.name)).mtimeMs);
-  return newest;
+/** The NBD servers the controller starts. */
+const SERVER_PROGRAMS = ['nbd-server', 'qemu-storage-daemon'];
+
+/** The file name of a process's executable ('' when unknown). */
+export function programOf(pid: number): string {
+  try {
+    return basename(readlinkSync(`/proc/${pid}/exe`).replace(/ \(deleted\)$/, ''));
+  } catch {
+    return '';
+  }
 }
 
 export interface HttpAnswer {
@@ -198,11 +198,22 @@ export class ControllerNode {
   }
 
   /**
-   * Processes other than the controller itself whose command line names this node's state
-   * directory or allowed root: the NBD servers it started (and their per-client children).
+   * The pid of the process listening on 127.0.0.1:port (one of this node's NBD servers), or
+   * undefined when nothing listens there.
    */
-  serverPids(): number[] {
-    const pids: number[] = [];
+  async listenerPid(port: number): Promise<number | undefined> {
+    const { stdout } = await execa('ss', ['-Htlnp', 'state', 'listening', `( sport = :${port} )`]);
+    const pid = /pid=(\d+)/.exec(stdout)?.[1];
+    return pid === undefined ? undefined : Number(pid);
+  }
+
+  /**
+   * Processes other than the controller whose command line names this node's state directory
+   * or allowed root (its servers, their per-client children, a qemu-img it runs), plus
+   * whatever listens on its NBD ports: everything cleanup() must not leave behind.
+   */
+  async leftoverPids(): Promise<number[]> {
+    const pids = new Set<number>();
     for (const entry of readdirSync('/proc')) {
       if (!/^\d+$/.test(entry)) continue;
       const pid = Number(entry);
@@ -210,15 +221,18 @@ export class ControllerNode {
       let cmdline: string;
       try {
         cmdline = readFileSync(`/proc/${pid}/cmdline`, 'utf8');
-        if (/^State:\s+Z/m.test(readFileSync(`/proc/${pid}/status`, 'utf8'))) continue;
       } catch {
         continue; // gone meanwhile
       }
       const argv = cmdline.split('\0');
       if (argv.includes(CONTROLLER_BIN) || argv.some((arg) => arg.endsWith('/dist/main.js'))) continue;
-      if (cmdline.includes(this.stateDir) || cmdline.includes(this.allowedRoot)) pids.push(pid);
+      if (cmdline.includes(this.stateDir) || cmdline.includes(this.allowedRoot)) pids.add(pid);
     }
-    return pids.sort((a, b) => a - b);
+    for (const port of [this.nbdPort, this.qemuPort]) {
+      const pid = await this.listenerPid(port).catch(() => undefined);
+      if (pid !== undefined && SERVER_PROGRAMS.includes(programOf(pid))) pids.add(pid);
+    }
+    return [...pids].filter(isRunning).sort((a, b) => a - b);
   }
 
   async logTail(lines = 60): Promise<string> {
@@ -241,15 +255,17 @@ export class ControllerNode {
       reject: false,
       timeout: 60_000,
     });
-    for (const pid of this.serverPids()) {
+    for (const pid of await this.leftoverPids()) {
       try {
         process.kill(pid, 'SIGKILL');
       } catch {
         // already gone
       }
     }
-    await waitFor(`the servers of ${this.nodeName} to be gone`, () =>
-      this.serverPids().length === 0 ? true : undefined,
+    await waitFor(
+      `the servers of ${this.nodeName} to be gone`,
+      async () => ((await this.leftoverPids()).length === 0 ? true : undefined),
+      { timeoutMs: 30_000 },
     ).catch(() => undefined);
     if (process.env.E2E_KEEP === undefined) await rm(this.baseDir, { recursive: true, force: true });
     else process.stderr.write(`e2e: kept ${this.nodeName}'s directory ${this.baseDir}\n`);
