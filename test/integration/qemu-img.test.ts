@@ -1,0 +1,236 @@
+/**
+ * qemu-img against real files: creation (full, incremental, raw, preallocated), the
+ * never-overwrite rule, stale temporaries, format detection and lock detection with a
+ * real qemu-nbd holding the image.
+ */
+import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { createHash } from 'node:crypto';
+import { mkdtemp, readFile, readdir, rm, stat, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import {
+  createImage,
+  ImageExistsError,
+  inspectImage,
+  probeImageLock,
+  removeStaleTemporaryImages,
+} from '../../src/node/qemu-img.js';
+import { QemuCommandError } from '../../src/node/qemu-error.js';
+
+const MiB = 1024 * 1024;
+let dir: string;
+const children: ChildProcess[] = [];
+
+function requireBinary(name: string): void {
+  const found = spawnSync('sh', ['-c', `command -v ${name}`]).status === 0;
+  if (!found) throw new Error(`${name} is required for these tests (Debian: qemu-utils / libnbd-bin)`);
+}
+
+beforeAll(async () => {
+  for (const name of ['qemu-img', 'qemu-nbd', 'qemu-io']) requireBinary(name);
+  dir = await mkdtemp(join(tmpdir(), 'nbdx-qemu-img-'));
+});
+
+afterAll(async () => {
+  for (const child of children)
+    if (child.exitCode === null && child.signalCode === null) child.kill('SIGTERM');
+  await rm(dir, { recursive: true, force: true });
+});
+
+async function sha256(path: string): Promise<string> {
+  return createHash('sha256')
+    .update(await readFile(path))
+    .digest('hex');
+}
+
+async function until<T>(what: string, check: () => Promise<T | undefined>, timeoutMs = 60_000): Promise<T> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const value = await check();
+    if (value !== undefined) return value;
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 100));
+  }
+}
+
+function qemuIo(args: string[]): void {
+  const result = spawnSync('qemu-io', args, { encoding: 'utf8' });
+  if (result.status !== 0) throw new Error(`qemu-io ${args.join(' ')}: ${result.stderr}`);
+}
+
+/** qemu-nbd serving the image read-write on a UNIX socket, until stopped. */
+function startQemuNbd(path: string, format: 'qcow2' | 'raw'): ChildProcess {
+  const socket = join(dir, `nbd-${children.length}.sock`);
+  const child = spawn('qemu-nbd', ['--persistent', '-f', format, '-k', socket, path], { stdio: 'ignore' });
+  children.push(child);
+  return child;
+}
+
+async function stop(child: ChildProcess): Promise<void> {
+  if (child.exitCode !== null || child.signalCode !== null) return;
+  const exited = new Promise((r) => child.once('exit', r));
+  child.kill('SIGTERM');
+  await exited;
+}
+
+describe('createImage', () => {
+  it('creates a full qcow2 image of the given virtual size', async () => {
+    const path = join(dir, 'full.qcow2');
+    await createImage({ path, format: 'qcow2', sizeBytes: 64 * MiB });
+    const info = await inspectImage(path);
+    expect(info).toMatchObject({ format: 'qcow2', virtualSize: 64 * MiB, backingChain: [] });
+    expect(info.actualSize).toBeLessThan(MiB);
+    expect(info.corrupt).toBe(false);
+  });
+
+  it('creates an incremental whose size and backing format come from the backing file', async () => {
+    const base = join(dir, 'base.qcow2');
+    await createImage({ path: base, format: 'qcow2', sizeBytes: 48 * MiB });
+    const incremental = join(dir, 'incr.qcow2');
+    await createImage({ path: incremental, format: 'qcow2', backingFile: base });
+    const info = await inspectImage(incremental);
+    expect(info).toMatchObject({
+      format: 'qcow2',
+      virtualSize: 48 * MiB,
+      backingChain: [base],
+      backingFormat: 'qcow2',
+    });
+
+    const second = join(dir, 'incr2.qcow2');
+    await createImage({ path: second, format: 'qcow2', backingFile: incremental, backingFormat: 'qcow2' });
+    expect((await inspectImage(second)).backingChain).toEqual([incremental, base]);
+  });
+
+  it('creates a raw image, sparse unless preallocated', async () => {
+    const sparse = join(dir, 'sparse.raw');
+    await createImage({ path: sparse, format: 'raw', sizeBytes: 16 * MiB });
+    expect(await inspectImage(sparse, { format: 'raw' })).toMatchObject({
+      format: 'raw',
+      virtualSize: 16 * MiB,
+    });
+    expect((await stat(sparse)).blocks * 512).toBeLessThan(MiB);
+
+    const full = join(dir, 'full.raw');
+    await createImage({ path: full, format: 'raw', sizeBytes: 16 * MiB, preallocation: 'full' });
+    expect((await stat(full)).blocks * 512).toBeGreaterThanOrEqual(16 * MiB);
+  });
+
+  it('preallocates qcow2 metadata and data', async () => {
+    const metadata = join(dir, 'meta.qcow2');
+    await createImage({ path: metadata, format: 'qcow2', sizeBytes: 32 * MiB, preallocation: 'metadata' });
+    const falloc = join(dir, 'falloc.qcow2');
+    await createImage({ path: falloc, format: 'qcow2', sizeBytes: 32 * MiB, preallocation: 'falloc' });
+    expect((await inspectImage(metadata)).virtualSize).toBe(32 * MiB);
+    expect((await inspectImage(falloc)).actualSize).toBeGreaterThanOrEqual(32 * MiB);
+  });
+
+  it('never overwrites an existing file, and leaves no temporary behind', async () => {
+    const path = join(dir, 'precious.qcow2');
+    await writeFile(path, 'not an image, but precious data\n');
+    const before = await sha256(path);
+    const error = await createImage({ path, format: 'qcow2', sizeBytes: MiB }).catch((e: unknown) => e);
+    expect(error).toBeInstanceOf(ImageExistsError);
+    expect(await sha256(path)).toBe(before);
+
+    const existingImage = join(dir, 'full.qcow2');
+    const imageBefore = await sha256(existingImage);
+    await expect(createImage({ path: existingImage, format: 'raw', sizeBytes: MiB })).rejects.toBeInstanceOf(
+      ImageExistsError,
+    );
+    expect(await sha256(existingImage)).toBe(imageBefore);
+    expect((await readdir(dir)).filter((name) => name.includes('nbdx-tmp'))).toEqual([]);
+  });
+
+  it('removes its temporary when qemu-img fails', async () => {
+    const path = join(dir, 'missing-backing.qcow2');
+    const error = await createImage({
+      path,
+      format: 'qcow2',
+      backingFile: join(dir, 'no-such-base.qcow2'),
+      backingFormat: 'qcow2',
+    }).catch((e: unknown) => e);
+    expect(error).toBeInstanceOf(QemuCommandError);
+    expect((error as QemuCommandError).stderr).toMatch(/no-such-base/);
+    expect((await readdir(dir)).filter((name) => name.includes('missing-backing'))).toEqual([]);
+  });
+
+  it('removes only its own stale temporaries', async () => {
+    const sub = join(dir, 'stale');
+    await import('node:fs/promises').then((fs) => fs.mkdir(sub));
+    const ours = join(sub, '.disk.qcow2.nbdx-tmp-0123456789ab');
+    const notOurs = ['.disk.qcow2.tmp', 'disk.qcow2', '.disk.qcow2.nbdx-tmp-XYZ', 'x.nbdx-tmp-0123456789ab'];
+    await writeFile(ours, 'half-created');
+    for (const name of notOurs) await writeFile(join(sub, name), 'keep');
+    expect(await removeStaleTemporaryImages(sub)).toEqual([ours]);
+    expect((await readdir(sub)).sort()).toEqual([...notOurs].sort());
+  });
+});
+
+describe('inspectImage', () => {
+  it('reports a "raw" file that holds a QCOW2 header as qcow2', async () => {
+    const path = join(dir, 'looks-raw.img');
+    await createImage({ path, format: 'qcow2', sizeBytes: 8 * MiB });
+    const info = await inspectImage(path, { format: 'raw' });
+    expect(info.format).toBe('qcow2');
+    expect(info.virtualSize).toBe(8 * MiB);
+  });
+
+  it('reports a raw file as raw when told, and probes otherwise', async () => {
+    const path = join(dir, 'plain.raw');
+    await createImage({ path, format: 'raw', sizeBytes: 4 * MiB });
+    expect((await inspectImage(path, { format: 'raw' })).format).toBe('raw');
+    expect((await inspectImage(path)).format).toBe('raw');
+  });
+
+  it('fails with a QemuCommandError for a missing file', async () => {
+    const error = await inspectImage(join(dir, 'nope.qcow2')).catch((e: unknown) => e);
+    expect(error).toBeInstanceOf(QemuCommandError);
+    expect(error).toMatchObject({ command: 'qemu-img', exitCode: 1 });
+  });
+});
+
+describe('probeImageLock', () => {
+  for (const format of ['qcow2', 'raw'] as const) {
+    it(`sees a qemu-nbd writer on a ${format} image, and its end`, async () => {
+      const path = join(dir, `locked.${format}`);
+      await createImage({ path, format, sizeBytes: 8 * MiB });
+      expect(await probeImageLock(path)).toEqual({ locked: false });
+
+      const server = startQemuNbd(path, format);
+      const probe = await until('the lock', async () => {
+        const result = await probeImageLock(path);
+        if (server.exitCode !== null) throw new Error(`qemu-nbd exited with ${server.exitCode}`);
+        return result.locked ? result : undefined;
+      });
+      if (format === 'qcow2') {
+        expect(probe.message).toMatch(/Failed to get shared "write" lock/);
+        expect(probe.message).toMatch(/Is another process using the image/);
+      } else {
+        expect(probe.message).toMatch(/"write" permission lock/);
+      }
+      // -U still reads the header while it is held.
+      expect((await inspectImage(path, { forceShare: true })).virtualSize).toBe(8 * MiB);
+      if (format === 'qcow2')
+        await expect(inspectImage(path)).rejects.toThrow(/Failed to get shared "write" lock/);
+
+      await stop(server);
+      await until('the lock to go', async () => ((await probeImageLock(path)).locked ? undefined : true));
+      expect(await probeImageLock(path)).toEqual({ locked: false });
+    });
+  }
+
+  it('does not mistake a reader for a writer', async () => {
+    const path = join(dir, 'read-only.qcow2');
+    await createImage({ path, format: 'qcow2', sizeBytes: 8 * MiB });
+    qemuIo(['-f', 'qcow2', '-c', 'write -P 0x5a 0 64k', path]);
+    const socket = join(dir, 'ro.sock');
+    const reader = spawn('qemu-nbd', ['--persistent', '-r', '-f', 'qcow2', '-k', socket, path], {
+      stdio: 'ignore',
+    });
+    children.push(reader);
+    await until('the reader', async () => ((await stat(socket).catch(() => undefined)) ? true : undefined));
+    expect(await probeImageLock(path)).toEqual({ locked: false });
+    await stop(reader);
+  });
+});
