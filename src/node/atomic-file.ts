@@ -5,7 +5,7 @@
  * the directory so the rename itself survives a crash.
  */
 import { randomBytes } from 'node:crypto';
-import { open, rename, rm } from 'node:fs/promises';
+import { open, readdir, rename, rm } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 
 export interface WriteFileAtomicOptions {
@@ -42,6 +42,21 @@ export async function writeFileAtomic(
     throw error;
   }
   await syncDirectory(dirname(path));
+}
+
+/**
+ * Removes the temporary files an interrupted `writeFileAtomic` left in `dir` (a crash
+ * between creating and renaming one). Returns the names removed; a missing directory
+ * has none. Only names `temporaryNameFor` produces are touched.
+ */
+export async function removeTemporaryFiles(dir: string): Promise<string[]> {
+  const names = await readdir(dir).catch((error: unknown) => {
+    if ((error as NodeJS.ErrnoException).code === 'ENOENT') return [];
+    throw error;
+  });
+  const removed = names.filter(isTemporaryName);
+  for (const name of removed) await rm(join(dir, name), { force: true });
+  return removed;
 }
 
 export async function syncDirectory(dir: string): Promise<void> {

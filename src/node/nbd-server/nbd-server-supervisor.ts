@@ -1,0 +1,635 @@
+/**
+ * Runs nbd-server for this node and applies changes of its export set by hand-over
+ * restarts, never by SIGHUP (3.24 crashes on it, and no version removes or changes an
+ * export on reload). A hand-over SIGKILLs the parent and starts a new one with the full
+ * configuration at once: per-client children keep serving their clients (they do not
+ * hold the listening socket), the new parent binds the port and serves the new set.
+ * docs/nbd-server.md has the experiments behind every choice here.
+ *
+ * The parent outlives the controller: it daemonizes itself (nbd-server's `-d` would
+ * also stop it forking per client, so one client would block every other), and a
+ * restarted controller adopts it through the pid file and loaded.json.
+ */
+import { spawn } from 'node:child_process';
+import { createHash } from 'node:crypto';
+import { mkdir, open, readFile, rm, stat, truncate } from 'node:fs/promises';
+import { join, resolve } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import type { Logger } from 'pino';
+import type { ExportConfig } from '../../api/export-config.js';
+import { removeTemporaryFiles, writeFileAtomic } from '../atomic-file.js';
+import { ApplyScheduler } from './apply-scheduler.js';
+import { ConfDir, type ConfiguredExport } from './conf-dir.js';
+import { NbdServerError } from './nbd-server-error.js';
+import {
+  EMPTY_RECORD,
+  readLoadedRecord,
+  retiredAfter,
+  writeLoadedRecord,
+  type LoadedExport,
+  type LoadedRecord,
+} from './loaded-record.js';
+import { checkedPath, renderBaseConfig } from './render-export-config.js';
+import {
+  isListeningOn,
+  isServerProcess,
+  listenersOn,
+  listServerProcesses,
+  processState,
+} from './server-processes.js';
+
+export interface NbdServerSupervisorOptions {
+  /** The node's state directory; this backend keeps everything under `<stateDir>/nbd-server/`. Required. */
+  stateDir: string;
+  /** The one address nbd-server listens on. Default '0.0.0.0'. */
+  listenAddress?: string;
+  /** TCP port. Default 10809. */
+  port?: number;
+  /** Required. */
+  logger: Logger;
+  /** Quiet time after the last `requestApply()` before a hand-over restart. Default 200 ms. */
+  debounceMs?: number;
+  /** Longest a burst of requests delays the restart. Default max(2000, debounceMs) ms. */
+  maxDelayMs?: number;
+  /** The nbd-server program, by name (looked up in PATH) or path. Default 'nbd-server'. */
+  binary?: string;
+  /** Account nbd-server switches to after binding the port. Default: none (stays root). */
+  runAs?: { user: string; group?: string };
+  /** How often the watchdog checks that the parent is alive. Default 1000 ms. */
+  watchdogIntervalMs?: number;
+  /** How long a new parent may take to listen. Default 15000 ms. */
+  startTimeoutMs?: number;
+}
+
+export interface NbdServerStatus {
+  running: boolean;
+  pid: number | null;
+  /** Hand-over restarts (and first starts) done by this instance. */
+  restarts: number;
+  lastRestartAt: Date | null;
+  /** The last failure (start, restart, a dead parent); null after a successful restart. */
+  lastError: string | null;
+  /** `nbd-server -V`, e.g. "3.24"; null when unknown. */
+  version: string | null;
+}
+
+type AppliedListener = (changedExportNames: string[]) => void;
+
+const LOG_LIMIT = 1 << 20;
+const CHILD_GRACE_MS = 3_000;
+
+export class NbdServerSupervisor {
+  readonly dir: string;
+  readonly configPath: string;
+  readonly pidPath: string;
+  readonly loadedPath: string;
+  readonly logPath: string;
+  readonly port: number;
+  readonly #listenAddress: string;
+  readonly #binary: string;
+  readonly #runAs: { user: string; group?: string } | undefined;
+  readonly #log: Logger;
+  readonly #confDir: ConfDir;
+  readonly #scheduler: ApplyScheduler;
+  readonly #watchdogIntervalMs: number;
+  readonly #startTimeoutMs: number;
+  readonly #listeners = new Set<AppliedListener>();
+  #pid: number | null = null;
+  #record: LoadedRecord = EMPTY_RECORD;
+  #baseConfig = '';
+  #restarts = 0;
+  #lastRestartAt: Date | null = null;
+  #lastError: string | null = null;
+  #version: string | null = null;
+  #failures = 0;
+  #retryAt = 0;
+  #watchdog: NodeJS.Timeout | undefined;
+  #stopped = false;
+  #lock: Promise<unknown> = Promise.resolve();
+
+  constructor(options: NbdServerSupervisorOptions) {
+    if (typeof options.stateDir !== 'string' || options.stateDir === '')
+      throw new TypeError(`stateDir must be a directory path, got ${JSON.stringify(options.stateDir)}`);
+    this.dir = resolve(options.stateDir, 'nbd-server');
+    checkedPath(this.dir, 'state directory');
+    this.configPath = join(this.dir, 'config');
+    this.pidPath = join(this.dir, 'nbd-server.pid');
+    this.loadedPath = join(this.dir, 'loaded.json');
+    this.logPath = join(this.dir, 'nbd-server.log');
+    this.#confDir = new ConfDir(join(this.dir, 'conf.d'), join(this.dir, 'auth'));
+    this.port = options.port ?? 10809;
+    this.#listenAddress = options.listenAddress ?? '0.0.0.0';
+    this.#binary = options.binary ?? 'nbd-server';
+    this.#runAs = options.runAs;
+    this.#log = options.logger.child({ component: 'nbd-server' });
+    this.#watchdogIntervalMs = options.watchdogIntervalMs ?? 1_000;
+    this.#startTimeoutMs = options.startTimeoutMs ?? 15_000;
+    // Validates port, address and accounts now: a bad option is a TypeError at construction.
+    this.#baseConfig = renderBaseConfig({
+      port: this.port,
+      listenAddress: this.#listenAddress,
+      includeDir: this.#confDir.confDir,
+      ...(this.#runAs === undefined ? {} : this.#runAs),
+    });
+    const debounceMs = options.debounceMs ?? 200;
+    this.#scheduler = new ApplyScheduler({
+      debounceMs,
+      maxDelayMs: options.maxDelayMs ?? Math.max(2_000, debounceMs),
+      run: () => this.#apply(),
+    });
+  }
+
+  /**
+   * Cleans leftovers, then adopts the running parent (pid file, checked against /proc:
+   * an nbd-server with our config that listens on our port) or starts one with the
+   * current conf.d. An adopted parent is not restarted here, even when conf.d differs
+   * from what it loaded: `requestApply()` decides that. Failing to start is recorded in
+   * `status().lastError` and retried by the watchdog; it does not throw.
+   */
+  async start(): Promise<void> {
+    this.#stopped = false;
+    await mkdir(this.dir, { recursive: true });
+    await this.#confDir.ensure();
+    const removed = [
+      ...(await removeTemporaryFiles(this.dir)),
+      ...(await this.#confDir.removeTemporaryFiles()),
+    ];
+    if (removed.length > 0) this.#log.info({ files: removed }, 'removed leftover temporary files');
+    await this.#writeBaseConfig();
+    this.#version = await this.#readVersion();
+
+    const record = await readLoadedRecord(this.loadedPath);
+    const adopted = await this.#findRunningParent();
+    if (adopted !== null) {
+      this.#pid = adopted;
+      if (record.pid === adopted && record.base === hashOf(this.#baseConfig)) {
+        this.#record = record;
+        this.#log.info(
+          { pid: adopted, exports: Object.keys(record.exports).length },
+          'adopted running nbd-server',
+        );
+      } else {
+        // It serves something we cannot know: report nothing loaded, so the next apply restarts it.
+        this.#record = { ...record, pid: adopted, base: '', exports: {}, retired: mergedRetired(record) };
+        this.#log.warn(
+          { pid: adopted },
+          'adopted an nbd-server whose configuration is unknown; it will be restarted',
+        );
+      }
+    } else {
+      this.#record = record;
+      // A parent of ours on another port (the port option changed) is replaced, not left behind.
+      const stale = await this.#readPidFile();
+      if (stale !== null && isServerProcess(stale, this.configPath)) this.#pid = stale;
+      const configured = await this.#confDir.read();
+      if (configured.size > 0 || this.#pid !== null) await this.#handOver('start').catch(() => undefined);
+      else this.#log.info('no nbd-server exports configured; not starting nbd-server');
+    }
+    this.#watchdog = setInterval(() => this.#watch(), this.#watchdogIntervalMs);
+    this.#watchdog.unref();
+  }
+
+  /**
+   * Writes the export's conf.d file (and authfile first, when it restricts clients);
+   * returns whether anything changed. Takes effect with the next apply.
+   * @throws TypeError for a config not meant for nbd-server or with an unsafe value.
+   */
+  async writeExport(config: ExportConfig): Promise<boolean> {
+    if (config.server !== 'nbd-server')
+      throw new TypeError(`export "${config.exportName}" is for ${config.server}, not nbd-server`);
+    return this.#exclusive(async () => {
+      const changed = await this.#confDir.write(config);
+      if (changed) this.#log.debug({ export: config.exportName }, 'export configuration written');
+      return changed;
+    });
+  }
+
+  /** Removes the export's conf.d file; returns whether it was there. Takes effect with the next apply. */
+  async removeExport(exportName: string): Promise<boolean> {
+    return this.#exclusive(async () => {
+      const removed = await this.#confDir.remove(exportName);
+      if (removed) this.#log.debug({ export: exportName }, 'export configuration removed');
+      return removed;
+    });
+  }
+
+  /** exportName → fingerprint of every export configured in conf.d (what the next parent will serve). */
+  async configured(): Promise<Map<string, string>> {
+    const configured = await this.#confDir.read();
+    return new Map([...configured].map(([name, c]) => [name, c.fingerprint]));
+  }
+
+  /** exportName → fingerprint of what the running parent serves; empty when none runs. */
+  loaded(): ReadonlyMap<string, string> {
+    if (!this.#alive()) return new Map();
+    return new Map(Object.entries(this.#record.exports).map(([name, e]) => [name, e.fingerprint]));
+  }
+
+  /**
+   * Asks for a hand-over restart if what runs differs from conf.d (or nothing runs).
+   * Coalesced: a burst of requests gives one restart after the debounce window.
+   */
+  requestApply(): void {
+    this.#scheduler.request();
+  }
+
+  /** Called after every restart with the export names whose served configuration changed. */
+  onApplied(listener: AppliedListener): () => void {
+    this.#listeners.add(listener);
+    return () => this.#listeners.delete(listener);
+  }
+
+  /** Resolves when no apply is scheduled or under way (tests, shutdown). */
+  async settled(): Promise<void> {
+    await this.#scheduler.settled();
+  }
+
+  /**
+   * exportName → pids of per-client processes serving it: the current parent's children
+   * and orphans of earlier parents. A process is known by the file it holds open. When
+   * exports share a file, a process is counted for the configured ones among them (it
+   * cannot be told apart), and for a removed one only if no configured export uses it.
+   * Clients still negotiating hold no file and are not counted.
+   */
+  async connections(): Promise<Map<string, number[]>> {
+    const configured = await this.#confDir.read();
+    const byConfiguredPath = new Map<string, string[]>();
+    for (const [name, c] of configured)
+      byConfiguredPath.set(c.path, [...(byConfiguredPath.get(c.path) ?? []), name]);
+    const byOtherPath = new Map<string, string[]>();
+    const addOther = (name: string, path: string) =>
+      byOtherPath.set(path, [...new Set([...(byOtherPath.get(path) ?? []), name])]);
+    for (const [name, e] of Object.entries(this.#record.exports)) addOther(name, e.path);
+    for (const [name, paths] of Object.entries(this.#record.retired))
+      for (const path of paths) addOther(name, path);
+
+    const result = new Map<string, number[]>();
+    for (const process of await listServerProcesses(this.configPath)) {
+      if (process.pid === this.#pid) continue;
+      const names = new Set(
+        process.paths.flatMap((p) => byConfiguredPath.get(p) ?? byOtherPath.get(p) ?? []),
+      );
+      for (const name of names) result.set(name, [...(result.get(name) ?? []), process.pid]);
+    }
+    return result;
+  }
+
+  /**
+   * Ends the per-client processes of an export that is no longer configured (deleting
+   * a resource revokes access): SIGTERM, then SIGKILL after a grace period. Returns how
+   * many there were. Does nothing for an export still configured in conf.d.
+   */
+  async disconnect(exportName: string): Promise<number> {
+    if ((await this.#confDir.read()).has(exportName)) {
+      this.#log.warn(
+        { export: exportName },
+        'not disconnecting clients of an export that is still configured',
+      );
+      return 0;
+    }
+    const pids = ((await this.connections()).get(exportName) ?? []).filter(
+      (pid) => pid !== this.#pid && isServerProcess(pid, this.configPath),
+    );
+    if (pids.length === 0) return 0;
+    this.#log.info({ export: exportName, pids }, 'disconnecting clients of a removed export');
+    await this.#terminate(pids);
+    return pids.length;
+  }
+
+  status(): NbdServerStatus {
+    const running = this.#alive();
+    return {
+      running,
+      pid: running ? this.#pid : null,
+      restarts: this.#restarts,
+      lastRestartAt: this.#lastRestartAt,
+      lastError: this.#lastError,
+      version: this.#version,
+    };
+  }
+
+  /**
+   * Stops supervising, leaving nbd-server and its clients running (normal controller
+   * shutdown: a restarted controller adopts them).
+   */
+  async detach(): Promise<void> {
+    this.#stopped = true;
+    if (this.#watchdog !== undefined) clearInterval(this.#watchdog);
+    this.#watchdog = undefined;
+    await this.#scheduler.stop();
+    await this.#exclusive(() => Promise.resolve()); // let a conf.d write under way finish
+  }
+
+  /**
+   * Stops nbd-server (tests, explicit shutdown). The parent is SIGKILLed, so its clients
+   * keep their connections; with `disconnectClients`, every per-client process of this
+   * state directory (orphans too) is ended as well.
+   */
+  async stop({ disconnectClients }: { disconnectClients: boolean }): Promise<void> {
+    await this.detach();
+    await this.#exclusive(async () => {
+      const parent = this.#pid ?? (await this.#findRunningParent());
+      if (parent !== null) await this.#killParent(parent);
+      this.#pid = null;
+      if (disconnectClients) {
+        const pids = (await listServerProcesses(this.configPath)).map((p) => p.pid);
+        if (pids.length > 0) await this.#terminate(pids);
+      }
+      const inUse = await this.#pathsInUse();
+      await mkdir(this.dir, { recursive: true });
+      await writeLoadedRecord(this.loadedPath, {
+        pid: null,
+        startedAt: '',
+        base: '',
+        exports: {},
+        retired: retiredAfter(this.#record, {}, inUse),
+      });
+      this.#record = EMPTY_RECORD;
+      await rm(this.pidPath, { force: true });
+      this.#log.info({ disconnectClients }, 'nbd-server stopped');
+    });
+  }
+
+  // ---- internals ----
+
+  /** One hand-over if what runs is not what conf.d says; run by the scheduler. */
+  async #apply(): Promise<void> {
+    if (this.#stopped) return;
+    const configured = await this.#confDir.read();
+    const alive = this.#alive();
+    const same =
+      alive &&
+      this.#record.base === hashOf(this.#baseConfig) &&
+      sameExports(this.#record.exports, configured);
+    if (same || (!alive && configured.size === 0 && Object.keys(this.#record.exports).length === 0)) {
+      this.#failures = 0;
+      return;
+    }
+    await this.#handOver(alive ? 'configuration changed' : 'nbd-server is not running');
+  }
+
+  /**
+   * SIGKILLs the parent (its children keep serving), starts a new one with conf.d as it
+   * is now, records what it loaded, and tells the listeners what changed. Holds the lock
+   * from reading conf.d until the new parent has read it.
+   */
+  async #handOver(reason: string): Promise<void> {
+    const before = this.loaded();
+    try {
+      await this.#exclusive(async () => {
+        const configured = await this.#confDir.read();
+        const old = this.#pid;
+        const started = Date.now();
+        if (old !== null) await this.#killParent(old);
+        this.#pid = null;
+        const pid = configured.size > 0 ? await this.#launch() : null;
+        const exports: Record<string, LoadedExport> = Object.fromEntries(
+          [...configured].map(([name, c]) => [name, { fingerprint: c.fingerprint, path: c.path }]),
+        );
+        const record: LoadedRecord = {
+          pid,
+          startedAt: new Date().toISOString(),
+          base: hashOf(this.#baseConfig),
+          exports,
+          retired: retiredAfter(this.#record, exports, await this.#pathsInUse()),
+        };
+        await writeLoadedRecord(this.loadedPath, record);
+        this.#record = record;
+        this.#pid = pid;
+        if (pid === null) await rm(this.pidPath, { force: true });
+        const referenced = new Set([...configured.values()].flatMap((c) => (c.authfile ? [c.authfile] : [])));
+        await this.#confDir.removeUnreferencedAuthfiles(referenced);
+        this.#restarts++;
+        this.#lastRestartAt = new Date();
+        this.#lastError = null;
+        this.#failures = 0;
+        this.#log.info(
+          { reason, oldPid: old, pid, exports: configured.size, ms: Date.now() - started },
+          pid === null ? 'nbd-server stopped: no exports configured' : 'nbd-server (re)started by hand-over',
+        );
+      });
+    } catch (error) {
+      this.#failures++;
+      this.#retryAt = Date.now() + Math.min(30_000, 1_000 * 2 ** (this.#failures - 1));
+      this.#lastError = error instanceof Error ? error.message : String(error);
+      this.#log.error(
+        { reason, err: error, failures: this.#failures },
+        'nbd-server hand-over failed; will retry',
+      );
+      // Whatever it served, it no longer does: record that, keeping orphans findable.
+      await this.#exclusive(async () => {
+        if (this.#pid !== null) return;
+        const record: LoadedRecord = {
+          ...EMPTY_RECORD,
+          retired: retiredAfter(this.#record, {}, await this.#pathsInUse()),
+        };
+        await writeLoadedRecord(this.loadedPath, record).catch(() => undefined);
+        this.#record = record;
+      }).catch(() => undefined);
+      this.#notify(before, this.loaded());
+      throw error;
+    }
+    this.#notify(before, this.loaded());
+  }
+
+  /** Starts a parent; returns its pid once it listens on the port. */
+  async #launch(): Promise<number> {
+    await rm(this.pidPath, { force: true });
+    if (((await stat(this.logPath).catch(() => undefined))?.size ?? 0) > LOG_LIMIT)
+      await truncate(this.logPath, 0);
+    const logOffset = (await stat(this.logPath).catch(() => undefined))?.size ?? 0;
+    const args = ['-C', this.configPath, '-p', this.pidPath];
+    const command = [this.#binary, ...args];
+    const log = await open(this.logPath, 'a');
+    let exitCode: number | null;
+    try {
+      await log.write(`--- ${new Date().toISOString()} ${command.join(' ')}\n`);
+      // nbd-server daemonizes (fork, setsid, stdio to /dev/null, writes the pid file): the
+      // launcher exits at once. Until then its stderr goes to the log file.
+      const launcher = spawn(this.#binary, args, { detached: true, stdio: ['ignore', log.fd, log.fd] });
+      launcher.unref();
+      exitCode = await new Promise<number | null>((resolveExit, rejectExit) => {
+        launcher.once('error', rejectExit);
+        launcher.once('exit', (code) => resolveExit(code));
+      });
+    } catch (error) {
+      throw new NbdServerError(`could not run ${this.#binary}`, { command, cause: error });
+    } finally {
+      await log.close();
+    }
+    if (exitCode !== 0)
+      throw new NbdServerError(`nbd-server exited with code ${String(exitCode)} before serving`, {
+        command,
+        exitCode,
+        stderr: await this.#logSince(logOffset),
+      });
+
+    const deadline = Date.now() + this.#startTimeoutMs;
+    let pid: number | null = null;
+    for (let attempt = 0; ; attempt++) {
+      pid ??= await this.#readPidFile();
+      if (pid !== null) {
+        if (processState(pid) !== 'running') {
+          const holders = await listenersOn(this.port);
+          throw new NbdServerError(
+            `nbd-server (pid ${pid}) exited after daemonizing${holders.length > 0 ? `; port ${this.port} is held by ${holders.join(', ')}` : ''} (it logs to syslog from then on)`,
+            { command, exitCode: 0, stderr: await this.#logSince(logOffset) },
+          );
+        }
+        if (await isListeningOn(pid, this.port)) return pid;
+      }
+      if (Date.now() > deadline)
+        throw new NbdServerError(
+          `nbd-server did not listen on port ${this.port} within ${this.#startTimeoutMs} ms`,
+          {
+            command,
+            exitCode: 0,
+            stderr: await this.#logSince(logOffset),
+          },
+        );
+      await sleep(attempt < 100 ? 2 : 20);
+    }
+  }
+
+  /** SIGKILL (never SIGTERM: that takes every child with it), then wait until it has exited. */
+  async #killParent(pid: number): Promise<void> {
+    if (!isServerProcess(pid, this.configPath)) return;
+    process.kill(pid, 'SIGKILL');
+    const deadline = Date.now() + 10_000;
+    while (processState(pid) === 'running') {
+      if (Date.now() > deadline) throw new Error(`nbd-server parent ${pid} did not exit after SIGKILL`);
+      await sleep(1);
+    }
+  }
+
+  /** SIGTERM, a grace period, SIGKILL; waits until they have exited. */
+  async #terminate(pids: number[]): Promise<void> {
+    const signal = (name: NodeJS.Signals) => {
+      for (const pid of pids)
+        if (isServerProcess(pid, this.configPath))
+          try {
+            process.kill(pid, name);
+          } catch {
+            // Gone meanwhile.
+          }
+    };
+    const allGone = () => pids.every((pid) => processState(pid) !== 'running');
+    signal('SIGTERM');
+    for (const deadline = Date.now() + CHILD_GRACE_MS; !allGone() && Date.now() < deadline;) await sleep(20);
+    if (allGone()) return;
+    signal('SIGKILL');
+    for (const deadline = Date.now() + 10_000; !allGone() && Date.now() < deadline;) await sleep(20);
+  }
+
+  /** The watchdog: restarts a parent that died, and retries a failed start with backoff. */
+  #watch(): void {
+    if (this.#stopped || this.#scheduler.busy) return;
+    if (this.#pid !== null && !this.#alive()) {
+      const pid = this.#pid;
+      this.#lastError = `nbd-server parent ${pid} died (killed, or crashed: it logs to syslog)`;
+      this.#log.error({ pid, exports: Object.keys(this.#record.exports) }, `${this.#lastError}; restarting`);
+      this.#pid = null;
+      this.#scheduler.request();
+    } else if (this.#pid === null && this.#failures > 0 && Date.now() >= this.#retryAt) {
+      this.#scheduler.request();
+    }
+  }
+
+  #alive(): boolean {
+    return this.#pid !== null && isServerProcess(this.#pid, this.configPath);
+  }
+
+  #notify(before: ReadonlyMap<string, string>, after: ReadonlyMap<string, string>): void {
+    const changed = [...new Set([...before.keys(), ...after.keys()])].filter(
+      (n) => before.get(n) !== after.get(n),
+    );
+    for (const listener of this.#listeners)
+      try {
+        listener(changed.sort());
+      } catch (error) {
+        this.#log.error({ err: error }, 'onApplied listener failed');
+      }
+  }
+
+  /** The parent to adopt: the pid file's, else any listening nbd-server of our config. */
+  async #findRunningParent(): Promise<number | null> {
+    const fromFile = await this.#readPidFile();
+    if (
+      fromFile !== null &&
+      isServerProcess(fromFile, this.configPath) &&
+      (await isListeningOn(fromFile, this.port))
+    )
+      return fromFile;
+    for (const candidate of await listServerProcesses(this.configPath))
+      if (await isListeningOn(candidate.pid, this.port)) {
+        this.#log.warn(
+          { pid: candidate.pid, pidFile: fromFile },
+          'found our nbd-server without a valid pid file',
+        );
+        await writeFileAtomic(this.pidPath, `${candidate.pid}\n`);
+        return candidate.pid;
+      }
+    return null;
+  }
+
+  async #readPidFile(): Promise<number | null> {
+    const text = await readFile(this.pidPath, 'utf8').catch(() => '');
+    return /^[0-9]+\s*$/.test(text) ? Number(text) : null;
+  }
+
+  async #pathsInUse(): Promise<Set<string>> {
+    return new Set((await listServerProcesses(this.configPath)).flatMap((p) => p.paths));
+  }
+
+  async #writeBaseConfig(): Promise<void> {
+    const current = await readFile(this.configPath, 'utf8').catch(() => undefined);
+    if (current !== this.#baseConfig)
+      await writeFileAtomic(this.configPath, this.#baseConfig, { mode: 0o644 });
+  }
+
+  async #readVersion(): Promise<string | null> {
+    return new Promise((resolveVersion) => {
+      const child = spawn(this.#binary, ['-V'], { stdio: ['ignore', 'pipe', 'pipe'] });
+      let output = '';
+      child.stdout.on('data', (chunk: Buffer) => (output += chunk.toString()));
+      child.stderr.on('data', (chunk: Buffer) => (output += chunk.toString()));
+      child.once('error', () => resolveVersion(null));
+      child.once('close', () => resolveVersion(/version\s+([0-9][0-9.]*)/.exec(output)?.[1] ?? null));
+    });
+  }
+
+  async #logSince(offset: number): Promise<string> {
+    const text = await readFile(this.logPath, 'utf8').catch(() => '');
+    return text.slice(offset).split('\n').slice(-20).join('\n');
+  }
+
+  /** Serializes conf.d changes and hand-overs. */
+  async #exclusive<T>(fn: () => Promise<T>): Promise<T> {
+    const run = this.#lock.then(fn, fn);
+    this.#lock = run.catch(() => undefined);
+    return run;
+  }
+}
+
+function sameExports(
+  loaded: Record<string, LoadedExport>,
+  configured: ReadonlyMap<string, ConfiguredExport>,
+): boolean {
+  const names = Object.keys(loaded);
+  return (
+    names.length === configured.size &&
+    names.every((n) => configured.get(n)?.fingerprint === loaded[n]?.fingerprint)
+  );
+}
+
+/** Every path a record says was served, as retired entries (its parent's configuration is unknown now). */
+function mergedRetired(record: LoadedRecord): Record<string, string[]> {
+  const retired: Record<string, string[]> = { ...record.retired };
+  for (const [name, e] of Object.entries(record.exports))
+    retired[name] = [...new Set([...(retired[name] ?? []), e.path])].sort();
+  return retired;
+}
+
+function hashOf(text: string): string {
+  return createHash('sha256').update(text).digest('hex').slice(0, 16);
+}

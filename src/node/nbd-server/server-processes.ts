@@ -1,0 +1,139 @@
+/**
+ * nbd-server processes as /proc shows them. The parent and every per-client child it
+ * forked (children keep the parent's command line, since nbd-server forks without
+ * exec) carry `-C <config path>`, which ties them to one state directory; children
+ * left by an earlier parent are found the same way. A child opens the export's file
+ * once the client has chosen an export, so its open files tell which export it serves.
+ */
+import { readdir, readFile, readlink } from 'node:fs/promises';
+import { readFileSync } from 'node:fs';
+
+export interface ServerProcess {
+  pid: number;
+  ppid: number;
+  /** Regular files and devices it holds open (" (deleted)" removed). */
+  paths: string[];
+}
+
+export type ProcessState = 'running' | 'zombie' | 'gone';
+
+/** Whether `pid` exists and has not exited (a zombie has exited: its sockets are closed). */
+export function processState(pid: number): ProcessState {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    const state = stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3);
+    return state === 'Z' || state === 'X' ? 'zombie' : 'running';
+  } catch {
+    return 'gone';
+  }
+}
+
+/** The arguments `pid` was started with, or undefined when it is gone. */
+export function commandLineOf(pid: number): string[] | undefined {
+  try {
+    const raw = readFileSync(`/proc/${pid}/cmdline`, 'utf8');
+    return raw.split('\0').slice(0, raw.endsWith('\0') ? -1 : undefined);
+  } catch {
+    return undefined;
+  }
+}
+
+/** Whether `argv` is an nbd-server run with this config file. */
+export function isServerCommandLine(argv: readonly string[] | undefined, configPath: string): boolean {
+  if (!argv || argv.length < 3) return false;
+  const program = argv[0] ?? '';
+  if (!(program === 'nbd-server' || program.endsWith('/nbd-server'))) return false;
+  return argv.some((arg, i) => arg === '-C' && argv[i + 1] === configPath);
+}
+
+/** Whether `pid` is alive and an nbd-server of this config (guards against recycled pids). */
+export function isServerProcess(pid: number, configPath: string): boolean {
+  return processState(pid) === 'running' && isServerCommandLine(commandLineOf(pid), configPath);
+}
+
+/** Every live nbd-server process (parents and children) of this config. */
+export async function listServerProcesses(configPath: string): Promise<ServerProcess[]> {
+  const result: ServerProcess[] = [];
+  for (const entry of await readdir('/proc')) {
+    if (!/^[0-9]+$/.test(entry)) continue;
+    const pid = Number(entry);
+    if (!isServerProcess(pid, configPath)) continue;
+    const ppid = parentOf(pid);
+    if (ppid === undefined) continue;
+    result.push({ pid, ppid, paths: await openPathsOf(pid) });
+  }
+  return result;
+}
+
+function parentOf(pid: number): number | undefined {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    return Number(fields[1]);
+  } catch {
+    return undefined;
+  }
+}
+
+async function openPathsOf(pid: number): Promise<string[]> {
+  const paths = new Set<string>();
+  for (const fd of await readdir(`/proc/${pid}/fd`).catch(() => [])) {
+    const target = await readlink(`/proc/${pid}/fd/${fd}`).catch(() => '');
+    if (!target.startsWith('/') || target === '/dev/null') continue;
+    paths.add(target.replace(/ \(deleted\)$/, ''));
+  }
+  return [...paths];
+}
+
+/** Socket inodes `pid` holds open. */
+async function socketInodesOf(pid: number): Promise<Set<string>> {
+  const inodes = new Set<string>();
+  for (const fd of await readdir(`/proc/${pid}/fd`).catch(() => [])) {
+    const match = /^socket:\[([0-9]+)\]$/.exec(await readlink(`/proc/${pid}/fd/${fd}`).catch(() => ''));
+    if (match?.[1] !== undefined) inodes.add(match[1]);
+  }
+  return inodes;
+}
+
+/**
+ * The inodes of TCP sockets listening on `port`, from /proc/net/tcp or tcp6 text
+ * (columns: sl, local_address, rem_address, st, ..., inode; LISTEN is st 0A).
+ */
+export function listeningInodes(procNetTcp: string, port: number): Set<string> {
+  const inodes = new Set<string>();
+  const wanted = port.toString(16).toUpperCase().padStart(4, '0');
+  for (const line of procNetTcp.split('\n').slice(1)) {
+    const fields = line.trim().split(/\s+/);
+    if (fields.length < 10) continue;
+    const local = fields[1] ?? '';
+    if (fields[3] === '0A' && local.slice(local.lastIndexOf(':') + 1) === wanted) inodes.add(fields[9] ?? '');
+  }
+  return inodes;
+}
+
+/** Whether `pid` holds a socket listening on TCP `port` (only nbd-server's parent does). */
+export async function isListeningOn(pid: number, port: number): Promise<boolean> {
+  const own = await socketInodesOf(pid);
+  if (own.size === 0) return false;
+  for (const table of ['/proc/net/tcp', '/proc/net/tcp6']) {
+    const text = await readFile(table, 'utf8').catch(() => '');
+    for (const inode of listeningInodes(text, port)) if (own.has(inode)) return true;
+  }
+  return false;
+}
+
+/** Pids of whatever listens on TCP `port` (for an error message when the port is taken). */
+export async function listenersOn(port: number): Promise<string[]> {
+  const inodes = new Set<string>();
+  for (const table of ['/proc/net/tcp', '/proc/net/tcp6'])
+    for (const inode of listeningInodes(await readFile(table, 'utf8').catch(() => ''), port))
+      inodes.add(inode);
+  if (inodes.size === 0) return [];
+  const owners: string[] = [];
+  for (const entry of await readdir('/proc')) {
+    if (!/^[0-9]+$/.test(entry)) continue;
+    for (const inode of await socketInodesOf(Number(entry)))
+      if (inodes.has(inode)) owners.push(`${entry} (${commandLineOf(Number(entry))?.join(' ') ?? '?'})`);
+  }
+  return owners;
+}

@@ -1,0 +1,291 @@
+/**
+ * NbdServerSupervisor with the real nbd-server and real NBD clients (nbdcopy, nbdinfo)
+ * on loopback: hand-over restarts that cut no connected client, removal, coalescing,
+ * the watchdog, adoption by a new controller, authfiles, and disconnecting clients.
+ * Every test has its own directory and port, and ends every process it started.
+ */
+import { mkdtemp, readFile, rm, truncate } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { pino } from 'pino';
+import { afterEach, beforeAll, describe, expect, it } from 'vitest';
+import type { ExportConfig } from '../../src/api/export-config.js';
+import {
+  NbdServerSupervisor,
+  type NbdServerSupervisorOptions,
+} from '../../src/node/nbd-server/nbd-server-supervisor.js';
+import {
+  canWrite,
+  exportSize,
+  HeldTransfer,
+  isServed,
+  nbdcopy,
+  sha256File,
+  writeRandomFile,
+} from '../e2e/harness/nbd.js';
+import { waitFor } from '../e2e/harness/poll.js';
+import { freePorts, requireBinary } from '../e2e/harness/repo.js';
+
+const MiB = 1024 * 1024;
+
+function rawExport(exportName: string, path: string, overrides: Partial<ExportConfig> = {}): ExportConfig {
+  return {
+    exportName,
+    server: 'nbd-server',
+    path,
+    format: 'raw',
+    blockDevice: false,
+    readOnly: false,
+    maxConnections: 1,
+    allowedClients: [],
+    ...overrides,
+  };
+}
+
+describe('NbdServerSupervisor (real nbd-server)', () => {
+  let root: string;
+  let port: number;
+  const supervisors: NbdServerSupervisor[] = [];
+  const transfers: HeldTransfer[] = [];
+
+  beforeAll(async () => {
+    for (const name of ['nbd-server', 'nbdcopy', 'nbdinfo']) await requireBinary(name, 'run hack/setup.sh');
+  });
+
+  afterEach(async () => {
+    for (const transfer of transfers.splice(0)) transfer.kill();
+    // The last supervisor of a state dir ends everything of it, orphans included.
+    for (const supervisor of supervisors.splice(0).reverse())
+      await supervisor.stop({ disconnectClients: true });
+    if (root) await rm(root, { recursive: true, force: true });
+  });
+
+  async function setUp(): Promise<void> {
+    root = await mkdtemp(join(tmpdir(), 'nbdx-nbd-server-'));
+    [port] = (await freePorts(1)) as [number];
+  }
+
+  function supervisor(options: Partial<NbdServerSupervisorOptions> = {}): NbdServerSupervisor {
+    const created = new NbdServerSupervisor({
+      stateDir: join(root, 'state'),
+      listenAddress: '127.0.0.1',
+      port,
+      logger: pino({ level: process.env.NBDX_TEST_LOG ?? 'silent' }),
+      ...options,
+    });
+    supervisors.push(created);
+    return created;
+  }
+
+  const uri = (name: string) => `nbd://127.0.0.1:${port}/${name}`;
+
+  async function sparseFile(name: string, bytes: number): Promise<string> {
+    const path = join(root, name);
+    await rm(path, { force: true });
+    await import('node:fs/promises').then((fs) => fs.writeFile(path, ''));
+    await truncate(path, bytes);
+    return path;
+  }
+
+  async function applied(server: NbdServerSupervisor, names: string[]): Promise<void> {
+    server.requestApply();
+    await waitFor(`nbd-server to serve exactly ${names.join(', ') || 'nothing'}`, () => {
+      const loaded = [...server.loaded().keys()].sort();
+      return JSON.stringify(loaded) === JSON.stringify([...names].sort()) ? true : undefined;
+    });
+    await server.settled();
+  }
+
+  it('(a) adding an export hands over without disturbing a client mid-transfer', async () => {
+    await setUp();
+    const a = await sparseFile('a.raw', 256 * MiB);
+    const server = supervisor();
+    await server.writeExport(rawExport('disk-a', a));
+    await server.start();
+    expect(server.status()).toMatchObject({ running: true, restarts: 1, version: '3.24' });
+    expect(await exportSize(uri('disk-a'))).toBe(256 * MiB);
+    const firstPid = server.status().pid;
+
+    const payload = join(root, 'payload.bin');
+    await writeRandomFile(payload, 256 * MiB);
+    const transfer = new HeldTransfer(payload, uri('disk-a'), 128 * MiB);
+    transfers.push(transfer);
+    await transfer.firstHalfWritten();
+    const clientPids = await waitFor('the client to be seen on disk-a', async () => {
+      const pids = (await server.connections()).get('disk-a');
+      return pids && pids.length > 0 ? pids : undefined;
+    });
+
+    const b = await sparseFile('b.raw', 16 * MiB);
+    expect(await server.writeExport(rawExport('disk-b', b))).toBe(true);
+    expect(await server.writeExport(rawExport('disk-b', b))).toBe(false);
+    await applied(server, ['disk-a', 'disk-b']);
+    expect(server.status().pid).not.toBe(firstPid);
+    expect(await exportSize(uri('disk-b'))).toBe(16 * MiB);
+    // The held client is now an orphan of the old parent, still found by its file.
+    expect((await server.connections()).get('disk-a')).toEqual(clientPids);
+
+    expect(await transfer.finish()).toMatchObject({ exitCode: 0 });
+    const back = join(root, 'back.bin');
+    await nbdcopy(uri('disk-a'), back);
+    expect(await sha256File(back)).toBe(await sha256File(payload));
+  });
+
+  it('(b) a removed export is refused to new clients; its held clients are disconnected on request', async () => {
+    await setUp();
+    const a = await sparseFile('a.raw', 8 * MiB);
+    const b = await sparseFile('b.raw', 64 * MiB);
+    const server = supervisor();
+    await server.writeExport(rawExport('disk-a', a));
+    await server.writeExport(rawExport('disk-b', b));
+    await server.start();
+    expect(await isServed(uri('disk-b'))).toBe(true);
+
+    const payload = join(root, 'payload.bin');
+    await writeRandomFile(payload, 64 * MiB);
+    const transfer = new HeldTransfer(payload, uri('disk-b'), 32 * MiB);
+    transfers.push(transfer);
+    await transfer.firstHalfWritten();
+    await waitFor('the client on disk-b', async () =>
+      (await server.connections()).get('disk-b')?.length ? true : undefined,
+    );
+
+    expect(await server.removeExport('disk-b')).toBe(true);
+    expect(await server.removeExport('disk-b')).toBe(false);
+    expect([...(await server.configured()).keys()]).toEqual(['disk-a']);
+    await applied(server, ['disk-a']);
+    expect(await isServed(uri('disk-b'))).toBe(false);
+    expect(await isServed(uri('disk-a'))).toBe(true);
+
+    // The orphaned client of the removed export is still known by name, and can be cut.
+    expect((await server.connections()).get('disk-b')).toHaveLength(1);
+    expect(await server.disconnect('disk-a')).toBe(0); // still configured: never touched
+    expect(await server.disconnect('disk-b')).toBe(1);
+    expect((await transfer.finish()).exitCode).not.toBe(0);
+    expect((await server.connections()).get('disk-b')).toBeUndefined();
+    expect(await isServed(uri('disk-a'))).toBe(true);
+  });
+
+  it('(c) a burst of changes within the debounce window gives exactly one restart', async () => {
+    await setUp();
+    const server = supervisor({ debounceMs: 1_000, maxDelayMs: 30_000 });
+    const first = await sparseFile('first.raw', MiB);
+    await server.writeExport(rawExport('first', first));
+    await server.start();
+    const restartsBefore = server.status().restarts;
+    const told: string[][] = [];
+    server.onApplied((names) => told.push(names));
+
+    const names = Array.from({ length: 10 }, (_, i) => `burst-${i}`);
+    for (const name of names) {
+      await server.writeExport(rawExport(name, await sparseFile(`${name}.raw`, MiB)));
+      server.requestApply();
+    }
+    await applied(server, ['first', ...names]);
+    expect(server.status().restarts).toBe(restartsBefore + 1);
+    expect(told).toEqual([names.sort()]);
+    for (const name of names) expect(await exportSize(uri(name))).toBe(MiB);
+
+    // Nothing changed: a request restarts nothing.
+    server.requestApply();
+    await server.settled();
+    expect(server.status().restarts).toBe(restartsBefore + 1);
+  });
+
+  it('(d) the watchdog restarts a parent that died, and connected clients are unharmed', async () => {
+    await setUp();
+    const a = await sparseFile('a.raw', 64 * MiB);
+    const server = supervisor({ watchdogIntervalMs: 200 });
+    await server.writeExport(rawExport('disk-a', a));
+    await server.start();
+    const told: string[][] = [];
+    server.onApplied((names) => told.push(names));
+
+    const payload = join(root, 'payload.bin');
+    await writeRandomFile(payload, 64 * MiB);
+    const transfer = new HeldTransfer(payload, uri('disk-a'), 32 * MiB);
+    transfers.push(transfer);
+    await transfer.firstHalfWritten();
+
+    const killed = server.status().pid as number;
+    process.kill(killed, 'SIGKILL');
+    const restarted = await waitFor('the watchdog to restart nbd-server', () => {
+      const status = server.status();
+      return status.running && status.pid !== killed ? status : undefined;
+    });
+    expect(restarted.lastError).toBeNull();
+    expect(told).toContainEqual(['disk-a']);
+    expect([...server.loaded().keys()]).toEqual(['disk-a']);
+    expect(await isServed(uri('disk-a'))).toBe(true);
+
+    expect(await transfer.finish()).toMatchObject({ exitCode: 0 });
+    const back = join(root, 'back.bin');
+    await nbdcopy(uri('disk-a'), back);
+    expect(await sha256File(back)).toBe(await sha256File(payload));
+  });
+
+  it('(e) a new supervisor adopts the running parent and does not restart it when nothing changed', async () => {
+    await setUp();
+    const a = await sparseFile('a.raw', 4 * MiB);
+    const first = supervisor();
+    await first.writeExport(rawExport('disk-a', a));
+    await first.start();
+    const pid = first.status().pid;
+    await first.detach(); // the controller exits; the server keeps serving
+
+    const second = supervisor();
+    await second.start();
+    expect(second.status()).toMatchObject({ running: true, pid, restarts: 0 });
+    expect(second.loaded()).toEqual(first.loaded());
+    second.requestApply();
+    await second.settled();
+    expect(second.status()).toMatchObject({ pid, restarts: 0 });
+    expect(await isServed(uri('disk-a'))).toBe(true);
+
+    // A change is applied by the adopter.
+    await second.writeExport(rawExport('disk-a', a, { readOnly: true }));
+    await applied(second, ['disk-a']);
+    expect(second.status().pid).not.toBe(pid);
+    expect(await canWrite(uri('disk-a'))).toBe(false);
+
+    // A pid file naming some other process is not adopted.
+    await second.detach();
+    const pidFile = join(root, 'state', 'nbd-server', 'nbd-server.pid');
+    const realPid = (await readFile(pidFile, 'utf8')).trim();
+    await import('node:fs/promises').then((fs) => fs.writeFile(pidFile, `${process.pid}\n`));
+    const third = supervisor();
+    await third.start();
+    expect(String(third.status().pid)).toBe(realPid); // found by scanning /proc instead
+    expect(third.status().restarts).toBe(0);
+  });
+
+  it('renders authfiles that nbd-server enforces, and read-only exports', async () => {
+    await setUp();
+    const a = await sparseFile('a.raw', MiB);
+    const server = supervisor();
+    await server.writeExport(rawExport('fenced', a, { allowedClients: ['192.0.2.0/24'] }));
+    await server.writeExport(rawExport('open', a, { readOnly: true }));
+    await server.start();
+    expect(await isServed(uri('fenced'))).toBe(false);
+    expect(await canWrite(uri('open'))).toBe(false);
+
+    await server.writeExport(rawExport('fenced', a, { allowedClients: ['192.0.2.0/24', '127.0.0.0/8'] }));
+    await applied(server, ['fenced', 'open']);
+    expect(await isServed(uri('fenced'))).toBe(true);
+  });
+
+  it('stops serving when the last export is removed, and starts again when one is added', async () => {
+    await setUp();
+    const a = await sparseFile('a.raw', MiB);
+    const server = supervisor();
+    await server.start();
+    expect(server.status().running).toBe(false);
+    await server.writeExport(rawExport('disk-a', a));
+    await applied(server, ['disk-a']);
+    expect(server.status().running).toBe(true);
+    await server.removeExport('disk-a');
+    await applied(server, []);
+    expect(server.status()).toMatchObject({ running: false, lastError: null });
+    expect(await isServed(uri('disk-a'))).toBe(false);
+  });
+});
