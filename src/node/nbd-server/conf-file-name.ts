@@ -14,6 +14,8 @@ const MAX_STEM = 200;
 const SAFE_BYTE = /^[A-Za-z0-9_.-]$/;
 
 export function fileStemOf(exportName: string): string {
+  // A lone "%" is no encoding of anything else: the empty name (refused elsewhere) stays unique and visible.
+  if (exportName === '') return '%';
   let stem = '';
   for (const byte of Buffer.from(exportName, 'utf8')) {
     const char = String.fromCharCode(byte);
