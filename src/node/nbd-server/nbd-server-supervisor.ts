@@ -380,9 +380,15 @@ export class NbdServerSupervisor {
         const configured = await this.#confDir.read();
         const old = this.#pid;
         const started = Date.now();
-        if (old !== null) await this.#killParent(old);
-        this.#pid = null;
-        const pid = configured.size > 0 ? await this.#launch() : null;
+        // Everything that can be done before the kill is done first: the port is closed from
+        // the old parent's death until the new one binds it (docs/nbd-server.md).
+        const killOld = async () => {
+          if (old !== null) await this.#killParent(old);
+          this.#pid = null;
+        };
+        let pid: number | null = null;
+        if (configured.size > 0) pid = await this.#launch(killOld);
+        else await killOld();
         const exports: Record<string, LoadedExport> = Object.fromEntries(
           [...configured].map(([name, c]) => [name, { fingerprint: c.fingerprint, path: c.path }]),
         );
@@ -432,8 +438,8 @@ export class NbdServerSupervisor {
     this.#notify(before, this.loaded());
   }
 
-  /** Starts a parent; returns its pid once it listens on the port. */
-  async #launch(): Promise<number> {
+  /** Starts a parent, calling `beforeSpawn` (the kill) at the last moment; returns its pid once it listens. */
+  async #launch(beforeSpawn: () => Promise<void>): Promise<number> {
     await rm(this.pidPath, { force: true });
     if (((await stat(this.logPath).catch(() => undefined))?.size ?? 0) > LOG_LIMIT)
       await truncate(this.logPath, 0);
@@ -444,6 +450,7 @@ export class NbdServerSupervisor {
     let exitCode: number | null;
     try {
       await log.write(`--- ${new Date().toISOString()} ${command.join(' ')}\n`);
+      await beforeSpawn();
       // nbd-server daemonizes (fork, setsid, stdio to /dev/null, writes the pid file): the
       // launcher exits at once. Until then its stderr goes to the log file.
       const launcher = spawn(this.#binary, args, { detached: true, stdio: ['ignore', log.fd, log.fd] });
@@ -453,7 +460,9 @@ export class NbdServerSupervisor {
         launcher.once('exit', (code) => resolveExit(code));
       });
     } catch (error) {
-      throw new NbdServerError(`could not run ${this.#binary}`, { command, cause: error });
+      if (error instanceof Error && 'code' in error && typeof error.code === 'string')
+        throw new NbdServerError(`could not run ${this.#binary}`, { command, cause: error });
+      throw error;
     } finally {
       await log.close();
     }
@@ -498,7 +507,8 @@ export class NbdServerSupervisor {
     const deadline = Date.now() + 10_000;
     while (processState(pid) === 'running') {
       if (Date.now() > deadline) throw new Error(`nbd-server parent ${pid} did not exit after SIGKILL`);
-      await sleep(1);
+      // Poll tightly: this is the time the port is closed.
+      await new Promise((resolveTick) => setImmediate(resolveTick));
     }
   }
 
