@@ -83,14 +83,16 @@ sum() { sha256sum "$1" | cut -c1-16; }
 incr="$(uri_of vm-1234-disk0-incr)"
 log "writing 16 MiB to $incr"
 nbdcopy --flush "$payload" "$incr"
-nbdcopy "$incr" - | head -c $((16 * 1024 * 1024)) >"$work/readback.bin"
+nbdcopy "$incr" "$work/incr-via-nbd.bin"
+head -c $((16 * 1024 * 1024)) "$work/incr-via-nbd.bin" >"$work/readback.bin"
 printf '%-44s %s\n' "sha256 of the data written" "$(sum "$payload")"
 printf '%-44s %s\n' "sha256 read back through NBD (incremental)" "$(sum "$work/readback.bin")"
 cmp -s "$payload" "$work/readback.bin" || { log "read-back differs"; exit 1; }
 full="$(uri_of vm-1234-disk0-full)"
 disk_tail="$(tail -c $((48 * 1024 * 1024)) "$work/full-disk.bin" | sha256sum | cut -c1-16)"
-full_tail="$(nbdcopy "$full" - | tail -c $((48 * 1024 * 1024)) | sha256sum | cut -c1-16)"
-incr_tail="$(nbdcopy "$incr" - | tail -c $((48 * 1024 * 1024)) | sha256sum | cut -c1-16)"
+nbdcopy "$full" "$work/full-via-nbd.bin"
+full_tail="$(tail -c $((48 * 1024 * 1024)) "$work/full-via-nbd.bin" | sha256sum | cut -c1-16)"
+incr_tail="$(tail -c $((48 * 1024 * 1024)) "$work/incr-via-nbd.bin" | sha256sum | cut -c1-16)"
 printf '%-44s %s\n' "sha256 of the full backup's last 48 MiB" "$disk_tail"
 printf '%-44s %s\n' "  read through NBD from the full export" "$full_tail"
 printf '%-44s %s\n' "  read through the incremental (backing)" "$incr_tail"
@@ -101,14 +103,15 @@ printf '%-44s %s\n' "  read through the incremental (backing)" "$incr_tail"
 qemu-img convert -U -f qcow2 -O raw "$images/vm-1234/disk0-incr.qcow2" "$work/incr-disk.bin"
 cmp -s <(head -c $((16 * 1024 * 1024)) "$work/incr-disk.bin") "$payload" ||
   { log "the incremental's image does not hold the data written"; exit 1; }
-printf '%-44s %s\n' "sha256 of the incremental image's first 16 MiB" "$(head -c $((16 * 1024 * 1024)) "$work/incr-disk.bin" | sha256sum | cut -c1-16)"
+printf '%-44s %s\n' "the data written, read from the image file" "$(head -c $((16 * 1024 * 1024)) "$work/incr-disk.bin" | sha256sum | cut -c1-16)"
 qemu-img info -U --output=json "$images/vm-1234/disk0-incr.qcow2" | grep -q '"format": "qcow2"' ||
   { log "the incremental is no longer a QCOW2 image"; exit 1; }
 
 raw="$(uri_of scratch-raw)"
 log "writing 16 MiB to $raw"
 nbdcopy --flush "$payload" "$raw"
-nbdcopy "$raw" - | head -c $((16 * 1024 * 1024)) >"$work/readback-raw.bin"
+nbdcopy "$raw" "$work/raw-via-nbd.bin"
+head -c $((16 * 1024 * 1024)) "$work/raw-via-nbd.bin" >"$work/readback-raw.bin"
 printf '%-44s %s\n' "sha256 read back through NBD (raw)" "$(sum "$work/readback-raw.bin")"
 cmp -s "$payload" "$work/readback-raw.bin" || { log "raw read-back differs"; exit 1; }
 cmp -s "$payload" <(head -c $((16 * 1024 * 1024)) "$images/scratch.raw") || { log "raw file does not hold the data"; exit 1; }

@@ -31,7 +31,8 @@ export interface QemuServerControl {
 export type CreateImageRequest = Omit<Extract<Action, { kind: 'createImage' }>, 'kind'>;
 
 export interface ImageTools {
-  inspect(path: string, options: { forceShare: boolean }): Promise<ImageInfo>;
+  /** `format: 'raw'` never lets qemu-img guess; a QCOW2 header is still reported as qcow2. */
+  inspect(path: string, options: { forceShare: boolean; format?: 'raw' | undefined }): Promise<ImageInfo>;
   probeLock(path: string): Promise<LockObservation>;
   /** Creates without ever overwriting; returns the new file's inode for the ledger. */
   create(request: CreateImageRequest): Promise<{ inode: number }>;

@@ -54,7 +54,7 @@ export async function observeExport(resource: NbdExport, context: ObserveContext
   const path = await services.resolvePath(specPath);
   observed.path = path;
   if (path.kind === 'resolved' && path.exists) {
-    observed.image = await inspect(services, path.realPath, file === undefined);
+    observed.image = await inspect(services, path.realPath, format === 'raw');
     const heldByUs = servers.qemuPaths.has(path.realPath);
     if (!heldByUs && observed.image.kind === 'present')
       observed.lock = await services.images.probeLock(path.realPath);
@@ -73,15 +73,17 @@ export async function observeExport(resource: NbdExport, context: ObserveContext
   return observed;
 }
 
-async function inspect(services: NodeServices, path: string, isDevice: boolean): Promise<ImageObservation> {
+/** `raw`: the spec says raw, so qemu-img must not guess (a QCOW2 header still shows as qcow2). */
+async function inspect(services: NodeServices, path: string, raw: boolean): Promise<ImageObservation> {
   try {
     // -U: our own qemu-storage-daemon may hold the image; reading its header is safe.
-    return { kind: 'present', info: await services.images.inspect(path, { forceShare: true }) };
+    const info = await services.images.inspect(path, { forceShare: true, format: raw ? 'raw' : undefined });
+    return { kind: 'present', info };
   } catch (error) {
     const code = (error as NodeJS.ErrnoException | undefined)?.code;
     const message = error instanceof Error ? error.message : String(error);
     if (code === 'ENOENT' || /No such file or directory/.test(message)) return { kind: 'missing' };
-    return { kind: 'unreadable', message: isDevice ? `${message} (device)` : message };
+    return { kind: 'unreadable', message };
   }
 }
 

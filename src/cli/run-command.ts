@@ -1,0 +1,131 @@
+/**
+ * `run`: wires the engine for one node and runs it until SIGTERM/SIGINT. A second
+ * signal exits at once. Stopping leaves the servers serving: a restarted controller
+ * adopts them.
+ */
+import { join } from 'node:path';
+import { pino, type Logger } from 'pino';
+import type { ExportStore } from '../controller/export-store.js';
+import { Controller } from '../controller/controller.js';
+import { startHealthServer, boundPort } from '../controller/health-server.js';
+import { createNodeServices, type StartedNodeServices } from '../controller/create-node-services.js';
+import { KubeClient, loadKubeConfig } from '../kube/kube-client.js';
+import { KubeExportStore } from '../kube/kube-export-store.js';
+import type { NodePolicy } from '../plan/node-policy.js';
+import { DirectoryExportStore } from '../source/directory-export-store.js';
+import type { RunOptions } from './run-options.js';
+
+export async function runController(options: RunOptions): Promise<void> {
+  const logger = pino({ level: options.logLevel, base: { node: options.nodeName } });
+  logger.info(
+    { source: options.source, stateDir: options.stateDir, allowedRoots: options.allowedRoots },
+    'starting',
+  );
+
+  const services = await createNodeServices({
+    stateDir: options.stateDir,
+    listenAddress: options.listenAddress,
+    nbdPort: options.nbdPort,
+    qemuPort: options.qemuPort,
+    logger,
+  });
+  const store = createStore(options, logger);
+  const policy: NodePolicy = {
+    nodeName: options.nodeName,
+    allowedRoots: options.allowedRoots,
+    allowedDevices: options.allowedDevices,
+    advertiseHost: options.advertiseAddress,
+    probeHost: options.probeAddress,
+    nbdServerPort: options.nbdPort,
+    qemuPort: options.qemuPort,
+    rawServer: options.rawServer,
+  };
+  const controller = new Controller({ store, services, policy, logger, concurrency: options.concurrency });
+  const health = await startHealthServer(options.healthAddress, options.healthPort, {
+    ready: () => controller.ready,
+    metrics: () => metricsOf(controller, services),
+  });
+  logger.info({ port: boundPort(health) }, 'health server listening');
+
+  let stopping = false;
+  const stop = (signal: string) => {
+    if (stopping) {
+      logger.warn({ signal }, 'second signal: exiting now');
+      process.exit(1);
+    }
+    stopping = true;
+    logger.info({ signal }, 'stopping; the servers keep serving');
+    void (async () => {
+      await controller.stop();
+      await services.detach();
+      health.close();
+      logger.info('stopped');
+      process.exit(0);
+    })();
+  };
+  process.on('SIGTERM', () => stop('SIGTERM'));
+  process.on('SIGINT', () => stop('SIGINT'));
+
+  await controller.start();
+  logger.info('running');
+}
+
+function createStore(options: RunOptions, logger: Logger): ExportStore {
+  if (options.source.kind === 'dir')
+    return new DirectoryExportStore({
+      sourceDir: options.source.path,
+      statusDir: options.statusDir,
+      nodeName: options.nodeName,
+      logger,
+    });
+  const kubeConfig = loadKubeConfig({ kubeconfigPath: options.kubeconfig });
+  return new KubeExportStore({ transport: new KubeClient(kubeConfig), nodeName: options.nodeName, logger });
+}
+
+function metricsOf(controller: Controller, services: StartedNodeServices) {
+  const queue = controller.metrics();
+  const servers = services.serverMetrics();
+  return [
+    {
+      name: 'nbdx_ready',
+      help: 'Whether the source has synced',
+      type: 'gauge' as const,
+      value: controller.ready ? 1 : 0,
+    },
+    {
+      name: 'nbdx_workqueue_depth',
+      help: 'Keys waiting to reconcile',
+      type: 'gauge' as const,
+      value: queue.depth,
+    },
+    {
+      name: 'nbdx_workqueue_in_flight',
+      help: 'Reconciles running',
+      type: 'gauge' as const,
+      value: queue.inFlight,
+    },
+    {
+      name: 'nbdx_reconciles_total',
+      help: 'Reconciles run',
+      type: 'counter' as const,
+      value: queue.runsTotal,
+    },
+    {
+      name: 'nbdx_reconcile_retries_total',
+      help: 'Failed reconciles retried',
+      type: 'counter' as const,
+      value: queue.retriesTotal,
+    },
+    {
+      name: 'nbdx_reconcile_seconds_sum',
+      help: 'Total reconcile time',
+      type: 'counter' as const,
+      value: queue.runDurationSecondsSum,
+    },
+    ...servers,
+  ];
+}
+
+export function defaultStatusDir(stateDir: string): string {
+  return join(stateDir, 'status');
+}

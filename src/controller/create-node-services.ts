@@ -1,0 +1,141 @@
+/**
+ * Builds the real node services from src/node and starts the servers (adopting running
+ * ones). One place that knows which program does what on a node.
+ */
+import { mkdir, stat, unlink } from 'node:fs/promises';
+import { dirname, join } from 'node:path';
+import { pino, type Logger } from 'pino';
+import { probeExport } from '../node/nbd-probe.js';
+import { NbdServerSupervisor } from '../node/nbd-server/nbd-server-supervisor.js';
+import { OwnershipLedger } from '../node/ownership-ledger.js';
+import { createImage, inspectImage, probeImageLock, removeStaleTemporaryImages } from '../node/qemu-img.js';
+import { QemuStorageDaemon } from '../node/qemu-storage-daemon/qemu-storage-daemon.js';
+import { resolvePath } from '../node/resolve-path.js';
+import type { NodeServices } from './node-services.js';
+
+export interface NodeServicesOptions {
+  stateDir: string;
+  listenAddress: string;
+  nbdPort: number;
+  qemuPort: number;
+  logger: Logger;
+}
+
+export interface StartedNodeServices extends NodeServices {
+  /** Stops supervising; the servers and their clients keep running. */
+  detach(): Promise<void>;
+  serverMetrics(): { name: string; help: string; type: 'gauge' | 'counter'; value: number }[];
+}
+
+export async function createNodeServices(options: NodeServicesOptions): Promise<StartedNodeServices> {
+  const { stateDir, logger } = options;
+  const ledger = new OwnershipLedger(join(stateDir, 'ledger'));
+  await ledger.load();
+  await removeTemporaryImagesOfLedger(ledger, logger);
+
+  const nbdServer = new NbdServerSupervisor({
+    stateDir,
+    listenAddress: options.listenAddress,
+    port: options.nbdPort,
+    logger,
+  });
+  const qemu = new QemuStorageDaemon({
+    stateDir,
+    listenAddress: options.listenAddress,
+    port: options.qemuPort,
+    logger,
+  });
+  await Promise.all([nbdServer.start(), qemu.start()]);
+
+  return {
+    ledger,
+    nbdServer,
+    qemu,
+    images: {
+      inspect: (path, { forceShare, format }) =>
+        inspectImage(path, { forceShare, ...(format ? { format } : {}) }),
+      probeLock: probeImageLock,
+      async create(request) {
+        await createImage(request);
+        return { inode: (await stat(request.path)).ino };
+      },
+      async makeParentDirectories(path) {
+        await mkdir(dirname(path), { recursive: true, mode: 0o750 });
+      },
+      async remove(path, inode) {
+        try {
+          if (inode !== undefined && (await stat(path)).ino !== inode) return 'replaced';
+          await unlink(path);
+          return 'deleted';
+        } catch (error) {
+          if ((error as NodeJS.ErrnoException).code === 'ENOENT') return 'missing';
+          throw error;
+        }
+      },
+    },
+    resolvePath,
+    probe: probeExport,
+    async detach() {
+      await Promise.all([nbdServer.detach(), qemu.detach()]);
+    },
+    serverMetrics() {
+      const nbd = nbdServer.status();
+      return [
+        {
+          name: 'nbdx_nbd_server_up',
+          help: 'Whether nbd-server runs',
+          type: 'gauge',
+          value: nbd.running ? 1 : 0,
+        },
+        {
+          name: 'nbdx_nbd_server_restarts_total',
+          help: 'Hand-over restarts of nbd-server by this controller',
+          type: 'counter',
+          value: nbd.restarts,
+        },
+        {
+          name: 'nbdx_nbd_server_loaded_exports',
+          help: 'Exports nbd-server serves',
+          type: 'gauge',
+          value: nbdServer.loaded().size,
+        },
+        {
+          name: 'nbdx_qemu_storage_daemon_up',
+          help: 'Whether qemu-storage-daemon runs',
+          type: 'gauge',
+          value: qemu.status().running ? 1 : 0,
+        },
+        {
+          name: 'nbdx_owned_exports',
+          help: 'Resources this node serves or cleans up',
+          type: 'gauge',
+          value: ledger.all().length,
+        },
+      ];
+    },
+  };
+}
+
+/**
+ * A crash mid-creation leaves a temporary image beside the one being created. The ledger
+ * names every image the controller set out to create, so their directories are where to look.
+ */
+async function removeTemporaryImagesOfLedger(ledger: OwnershipLedger, logger: Logger): Promise<void> {
+  const directories = new Set(
+    ledger.all().flatMap((r) => (r.createdImage ? [dirname(r.createdImage.path)] : [])),
+  );
+  for (const directory of directories) {
+    const removed = await removeStaleTemporaryImages(directory).catch(() => []);
+    for (const path of removed)
+      logger.info({ path }, 'removed a temporary image left by an interrupted creation');
+  }
+}
+
+/** `stop-servers`: ends both servers of a state directory and every client they serve. */
+export async function stopServers(stateDir: string): Promise<void> {
+  const logger = pino({ level: 'info' });
+  const nbdServer = new NbdServerSupervisor({ stateDir, logger });
+  await nbdServer.stop({ disconnectClients: true });
+  const qemu = new QemuStorageDaemon({ stateDir, logger });
+  await qemu.stop();
+}
