@@ -276,7 +276,7 @@ describe('plain-host engine', () => {
           file: {
             path: join(node.images, 'crash', '1.qcow2'),
             format: 'qcow2',
-            create: { size: '64Mi', preallocation: 'full' },
+            create: { size: '256Mi', preallocation: 'full' },
           },
         },
         deletionPolicy: 'Delete',
@@ -286,7 +286,7 @@ describe('plain-host engine', () => {
           file: {
             path: join(node.images, 'crash', '2.raw'),
             format: 'raw',
-            create: { size: '64Mi', preallocation: 'full' },
+            create: { size: '256Mi', preallocation: 'full' },
           },
         },
         deletionPolicy: 'Delete',
@@ -300,7 +300,7 @@ describe('plain-host engine', () => {
       }),
     ]);
     // Kill it again and again, a little later each time, while it works.
-    for (const delayMs of [0, 50, 150, 300, 600, 1000]) {
+    for (const delayMs of [0, 50, 100, 200, 300, 500, 800, 1200]) {
       await node.stop('SIGKILL');
       await node.start();
       await new Promise((resolve) => setTimeout(resolve, delayMs));
@@ -337,6 +337,6 @@ describe('plain-host engine', () => {
 async function serverPids(node: PlainHostNode): Promise<string[]> {
   const pids: string[] = [];
   for (const file of ['nbd-server/nbd-server.pid', 'qemu-storage-daemon/qemu-storage-daemon.pid'])
-    pids.push((await readFile(join(node.stateDir, file), 'utf8').catch(() => '?')).trim());
+    pids.push((await readFile(join(node.stateDir, file), 'utf8')).trim());
   return pids;
 }
