@@ -15,7 +15,9 @@ import type { ExportConfig } from '../../src/api/export-config.js';
 import { fingerprintOf } from '../../src/api/export-config.js';
 import { createImage } from '../../src/node/qemu-img.js';
 import { ExportBusyError, ImageLockedError } from '../../src/node/qemu-storage-daemon/errors.js';
+import { exportIdsOf } from '../../src/node/qemu-storage-daemon/export-state.js';
 import { QemuStorageDaemon } from '../../src/node/qemu-storage-daemon/qemu-storage-daemon.js';
+import { QmpClient } from '../../src/node/qemu-storage-daemon/qmp-client.js';
 
 const MiB = 1024 * 1024;
 const logger = pino({ level: process.env['LOG_LEVEL'] ?? 'silent' });
@@ -135,10 +137,14 @@ beforeAll(async () => {
   await daemon.start();
 });
 
+/** Stops what a test started, even when it failed half-way. */
+const cleanups: (() => Promise<unknown>)[] = [];
+
 afterAll(async () => {
   for (const child of children)
     if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
   await daemon?.stop();
+  for (const cleanup of cleanups) await cleanup().catch(() => undefined);
   if (dir) await rm(dir, { recursive: true, force: true });
 });
 
@@ -296,5 +302,79 @@ describe('QemuStorageDaemon', () => {
     await expect(daemon.addExport(config('x', disk(), { allowedClients: ['10.0.0.0/8'] }))).rejects.toThrow(
       TypeError,
     );
+  });
+});
+
+describe('QemuStorageDaemon recovery', () => {
+  it('reconciles exports.json with the daemon after a crash, touching only what is ours', async () => {
+    const stateDir = join(dir, 'recovery');
+    const recoveryPort = await freePort();
+    const options = { stateDir, listenAddress: '127.0.0.1', port: recoveryPort, logger };
+    const first = new QemuStorageDaemon(options);
+    await first.start();
+    cleanups.push(() => first.stop());
+    const { pid } = first.status();
+    const image = (name: string) => join(dir, `recovery-${name}.qcow2`);
+    for (const name of ['keep', 'stray', 'operator', 'leftover'])
+      await createImage({ path: image(name), format: 'qcow2', sizeBytes: 4 * MiB });
+    await first.addExport(config('keep', image('keep')));
+    await first.detach();
+
+    // What a crash, an operator and a lost state file could leave behind.
+    const qmp = await QmpClient.connect(join(stateDir, 'qemu-storage-daemon', 'qmp.sock'));
+    const nodes = async (name: string, prefix: string) => {
+      await qmp.execute('blockdev-add', {
+        driver: 'file',
+        'node-name': `${prefix}-f`,
+        filename: image(name),
+      });
+      await qmp.execute('blockdev-add', { driver: 'qcow2', 'node-name': `${prefix}-d`, file: `${prefix}-f` });
+    };
+    await nodes('stray', 'nbdx-stray');
+    await qmp.execute('block-export-add', {
+      type: 'nbd',
+      id: 'nbdx-stray',
+      'node-name': 'nbdx-stray-d',
+      name: 'stray',
+    });
+    await nodes('operator', 'op');
+    await qmp.execute('block-export-add', { type: 'nbd', id: 'op', 'node-name': 'op-d', name: 'operator' });
+    await nodes('leftover', 'nbdx-leftover');
+    qmp.close();
+    const stateFile = join(stateDir, 'qemu-storage-daemon', 'exports.json');
+    const state = JSON.parse(await readFile(stateFile, 'utf8')) as { exports: Record<string, unknown> };
+    state.exports['ghost'] = {
+      id: 'nbdx-ghost',
+      nodeNames: { file: 'nbdx-ghost-f', format: 'nbdx-ghost-d' },
+      fingerprint: '0',
+      state: 'adding',
+      config: config('ghost', image('ghost')),
+    };
+    await writeFile(stateFile, JSON.stringify(state));
+
+    const second = new QemuStorageDaemon(options);
+    cleanups.unshift(() => second.stop());
+    await second.start();
+    expect(second.status()).toMatchObject({ running: true, adopted: true, pid });
+    expect([...(await second.exports()).keys()]).toEqual(['keep']);
+    const keep = exportIdsOf('keep', fingerprintOf(config('keep', image('keep')))).nodeNames;
+    expect((await second.blockNodes()).sort()).toEqual([keep.file, keep.format, 'op-d', 'op-f'].sort());
+    expect(run('nbdinfo', ['--size', `nbd://127.0.0.1:${recoveryPort}/operator`]).trim()).toBe(
+      String(4 * MiB),
+    );
+    expect(Object.keys((JSON.parse(await readFile(stateFile, 'utf8')) as typeof state).exports)).toEqual([
+      'keep',
+    ]);
+
+    // The daemon dies: the next call starts a new one, which serves nothing yet.
+    process.kill(pid ?? 0, 'SIGKILL');
+    await until('the daemon to die', () => Promise.resolve(second.status().running ? undefined : true));
+    expect((await second.exports()).size).toBe(0);
+    expect(second.status()).toMatchObject({ running: true, adopted: false });
+    expect(second.status().pid).not.toBe(pid);
+    await second.addExport(config('keep', image('keep')));
+    expect(run('nbdinfo', ['--size', `nbd://127.0.0.1:${recoveryPort}/keep`]).trim()).toBe(String(4 * MiB));
+    await second.stop();
+    expect(second.status().running).toBe(false);
   });
 });
