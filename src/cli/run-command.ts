@@ -9,8 +9,6 @@ import type { ExportStore } from '../controller/export-store.js';
 import { Controller } from '../controller/controller.js';
 import { startHealthServer, boundPort } from '../controller/health-server.js';
 import { createNodeServices, type StartedNodeServices } from '../controller/create-node-services.js';
-import { KubeClient, loadKubeConfig } from '../kube/kube-client.js';
-import { KubeExportStore } from '../kube/kube-export-store.js';
 import type { NodePolicy } from '../plan/node-policy.js';
 import { DirectoryExportStore } from '../source/directory-export-store.js';
 import type { RunOptions } from './run-options.js';
@@ -29,7 +27,7 @@ export async function runController(options: RunOptions): Promise<void> {
     qemuPort: options.qemuPort,
     logger,
   });
-  const store = createStore(options, logger);
+  const store = await createStore(options, logger);
   const policy: NodePolicy = {
     nodeName: options.nodeName,
     allowedRoots: options.allowedRoots,
@@ -70,7 +68,7 @@ export async function runController(options: RunOptions): Promise<void> {
   logger.info('running');
 }
 
-function createStore(options: RunOptions, logger: Logger): ExportStore {
+async function createStore(options: RunOptions, logger: Logger): Promise<ExportStore> {
   if (options.source.kind === 'dir')
     return new DirectoryExportStore({
       sourceDir: options.source.path,
@@ -78,6 +76,9 @@ function createStore(options: RunOptions, logger: Logger): ExportStore {
       nodeName: options.nodeName,
       logger,
     });
+  // Loaded only in Kubernetes mode: the client library costs a plain host tens of MiB.
+  const { KubeClient, loadKubeConfig } = await import('../kube/kube-client.js');
+  const { KubeExportStore } = await import('../kube/kube-export-store.js');
   const kubeConfig = loadKubeConfig({ kubeconfigPath: options.kubeconfig });
   return new KubeExportStore({ transport: new KubeClient(kubeConfig), nodeName: options.nodeName, logger });
 }
