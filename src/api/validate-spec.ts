@@ -18,7 +18,7 @@ export interface FieldError {
 }
 
 /** Absolute, normalised paths of safe characters: they are written into config files. */
-export const PATH_PATTERN = /^\/[A-Za-z0-9._@%+,:=/-]*$/;
+export const PATH_PATTERN = /^\/[A-Za-z0-9._@%+,:/-]*$/;
 export const PATH_MAX_LENGTH = 4096;
 export const NODE_NAME_PATTERN = /^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$/;
 export const MAX_CONNECTIONS_LIMIT = 128;
@@ -187,7 +187,7 @@ function pathAt(
   if (value === undefined) return undefined;
   if (value.length > PATH_MAX_LENGTH) error(path, `must be at most ${PATH_MAX_LENGTH} characters`);
   else if (!PATH_PATTERN.test(value))
-    error(path, `"${value}" must be an absolute path of letters, digits and . _ @ % + , : = / - only`);
+    error(path, `"${value}" must be an absolute path of letters, digits and . _ @ % + , : / - only`);
   else if (
     value.split('/').some((part) => part === '.' || part === '..') ||
     value.includes('//') ||
