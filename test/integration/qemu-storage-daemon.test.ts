@@ -352,6 +352,7 @@ describe('QemuStorageDaemon recovery', () => {
     };
     await writeFile(stateFile, JSON.stringify(state));
 
+    await rm(join(stateDir, 'qemu-storage-daemon', 'qemu-storage-daemon.pid')); // found in /proc instead
     const second = new QemuStorageDaemon(options);
     cleanups.unshift(() => second.stop());
     await second.start();

@@ -9,7 +9,7 @@
  * removal refused with ExportBusyError) and must reconnect.
  */
 import { spawn } from 'node:child_process';
-import { mkdir, open, readFile, stat, unlink } from 'node:fs/promises';
+import { mkdir, open, readFile, readdir, stat, unlink } from 'node:fs/promises';
 import { basename, join } from 'node:path';
 import type { Logger } from 'pino';
 import { fingerprintOf, type ExportConfig } from '../../api/export-config.js';
@@ -293,9 +293,11 @@ export class QemuStorageDaemon {
   async #start(): Promise<void> {
     await mkdir(this.#dir, { recursive: true, mode: 0o700 });
     this.#records = await readExportState(this.#stateFile);
-    const pid = await this.#readPid();
+    let pid = await this.#readPid();
+    // A lost or stale pid file must not make us start a second daemon beside a live one.
+    if (pid === undefined || !(await this.#isOurDaemon(pid))) pid = await this.#findDaemon();
     let qmp: QmpClient;
-    if (pid !== undefined && (await this.#isOurDaemon(pid))) {
+    if (pid !== undefined) {
       qmp = await QmpClient.connect(this.#socketPath, { timeoutMs: this.#timeoutMs });
       this.#pid = pid;
       this.#adopted = true;
@@ -483,6 +485,17 @@ export class QemuStorageDaemon {
     } catch {
       return undefined;
     }
+  }
+
+  /** Looks through /proc for a qemu-storage-daemon with our QMP socket. */
+  async #findDaemon(): Promise<number | undefined> {
+    const entries = await readdir('/proc').catch(() => [] as string[]);
+    for (const entry of entries) {
+      if (!/^\d+$/.test(entry)) continue;
+      const pid = Number(entry);
+      if (await this.#isOurDaemon(pid)) return pid;
+    }
+    return undefined;
   }
 
   /** The pid is a qemu-storage-daemon whose QMP socket is ours (not a recycled pid). */
