@@ -377,5 +377,8 @@ describe('QemuStorageDaemon recovery', () => {
     expect(run('nbdinfo', ['--size', `nbd://127.0.0.1:${recoveryPort}/keep`]).trim()).toBe(String(4 * MiB));
     await second.stop();
     expect(second.status().running).toBe(false);
+    // Stopping what does not run (`stop-servers` on a node without a daemon) is fine.
+    await second.stop();
+    await new QemuStorageDaemon({ ...options, stateDir: join(dir, 'never-started') }).stop();
   });
 });

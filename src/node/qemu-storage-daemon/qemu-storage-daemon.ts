@@ -257,20 +257,24 @@ export class QemuStorageDaemon {
   /** Quits the daemon, cutting every client: for tests and an explicit shutdown only. */
   stop(): Promise<void> {
     return this.#serial(async () => {
-      const pid = this.#pid ?? (await this.#readPid());
-      if (this.#qmp && !this.#qmp.closed) {
-        await this.#qmp.execute('quit', undefined, { timeoutMs: this.#timeoutMs }).catch(() => undefined);
-      } else if (pid !== undefined && (await this.#isOurDaemon(pid))) {
-        const qmp = await QmpClient.connect(this.#socketPath, { timeoutMs: this.#timeoutMs });
-        await qmp.execute('quit').catch(() => undefined);
-        qmp.close();
-      }
-      this.#qmp?.close();
+      const connected = this.#qmp && !this.#qmp.closed ? this.#qmp : undefined;
       this.#qmp = undefined;
-      if (pid !== undefined) await waitFor(() => !processAlive(pid), this.#timeoutMs, `pid ${pid} to exit`);
+      const pid = await this.#runningDaemon();
+      if (pid !== undefined) {
+        const qmp = connected ?? (await QmpClient.connect(this.#socketPath, { timeoutMs: this.#timeoutMs }));
+        await qmp.execute('quit', undefined, { timeoutMs: this.#timeoutMs }).catch(() => undefined);
+        qmp.close();
+        await waitFor(() => !processAlive(pid), this.#timeoutMs, `qemu-storage-daemon (pid ${pid}) to exit`);
+      }
+      connected?.close();
       this.#records.clear();
-      await this.#persist();
-      this.#logger.info({ pid }, 'qemu-storage-daemon stopped');
+      await this.#persist().catch((error: unknown) => {
+        if ((error as NodeJS.ErrnoException).code !== 'ENOENT') throw error; // never started here
+      });
+      this.#logger.info(
+        { pid },
+        pid === undefined ? 'qemu-storage-daemon was not running' : 'qemu-storage-daemon stopped',
+      );
     });
   }
 
@@ -293,9 +297,7 @@ export class QemuStorageDaemon {
   async #start(): Promise<void> {
     await mkdir(this.#dir, { recursive: true, mode: 0o700 });
     this.#records = await readExportState(this.#stateFile);
-    let pid = await this.#readPid();
-    // A lost or stale pid file must not make us start a second daemon beside a live one.
-    if (pid === undefined || !(await this.#isOurDaemon(pid))) pid = await this.#findDaemon();
+    const pid = await this.#runningDaemon();
     let qmp: QmpClient;
     if (pid !== undefined) {
       qmp = await QmpClient.connect(this.#socketPath, { timeoutMs: this.#timeoutMs });
@@ -485,6 +487,16 @@ export class QemuStorageDaemon {
     } catch {
       return undefined;
     }
+  }
+
+  /**
+   * The pid of this state directory's running daemon: the one we know, the pid file's, or
+   * (a lost or stale pid file must not make us start a second daemon) one found in /proc.
+   */
+  async #runningDaemon(): Promise<number | undefined> {
+    for (const pid of [this.#pid, await this.#readPid()])
+      if (pid !== undefined && (await this.#isOurDaemon(pid))) return pid;
+    return this.#findDaemon();
   }
 
   /** Looks through /proc for a qemu-storage-daemon with our QMP socket. */
