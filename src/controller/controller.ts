@@ -4,6 +4,7 @@
  * controller stops watching and working; the servers keep serving.
  */
 import type { Logger } from 'pino';
+import { keyOf } from '../api/types.js';
 import type { ExportStore } from './export-store.js';
 import type { NodeServices } from './node-services.js';
 import { sweepOrphans } from './orphan-sweep.js';
@@ -20,6 +21,8 @@ export interface ControllerOptions {
   concurrency?: number;
   /** How often orphans are swept. Default 60 s. */
   sweepIntervalMs?: number;
+  /** How often qemu-storage-daemon's liveness is checked. Default 2 s. */
+  serverCheckIntervalMs?: number;
 }
 
 export class Controller {
@@ -27,6 +30,7 @@ export class Controller {
   readonly #queue: WorkQueue;
   readonly #reconciler: Reconciler;
   #sweepTimer: NodeJS.Timeout | undefined;
+  #serverTimer: NodeJS.Timeout | undefined;
   #started = false;
 
   constructor(options: ControllerOptions) {
@@ -59,31 +63,45 @@ export class Controller {
 
   async start(): Promise<void> {
     const { store, services, logger } = this.#options;
-    services.nbdServer.onApplied((names) => {
-      const byExport = new Map(services.ledger.all().map((r) => [r.exportName, r.key]));
-      for (const name of names) {
-        const key = byExport.get(name);
-        if (key) this.#queue.add(key);
-      }
-      // Resources waiting on a restart that named none of theirs still want a look.
-      for (const resource of store.list())
-        this.#queue.add(`${resource.metadata.namespace}/${resource.metadata.name}`);
-    });
+    // A hand-over restart changes what several resources see; the queue dedupes, so every
+    // resource is simply looked at again (those waiting on the restart become Ready).
+    services.nbdServer.onApplied(() => this.#enqueueAll());
     store.onChange((key) => this.#queue.add(key));
     await store.start();
     logger.info({ resources: store.list().length }, 'source synced');
     await this.#sweep();
-    for (const resource of store.list())
-      this.#queue.add(`${resource.metadata.namespace}/${resource.metadata.name}`);
+    this.#enqueueAll();
     this.#sweepTimer = setInterval(() => void this.#sweep(), this.#options.sweepIntervalMs ?? 60_000);
+    this.#serverTimer = setInterval(() => this.#checkQemu(), this.#options.serverCheckIntervalMs ?? 2_000);
     this.#started = true;
   }
 
   /** Stops watching and working. What the servers serve stays served. */
   async stop(): Promise<void> {
     clearInterval(this.#sweepTimer);
+    clearInterval(this.#serverTimer);
     await this.#options.store.stop();
     await this.#queue.shutdown();
+  }
+
+  /**
+   * qemu-storage-daemon that died loses every export; nothing else would notice before the
+   * next resync. (nbd-server's supervisor has its own watchdog and reports through onApplied.)
+   * Every resource is looked at again: the first look restarts the daemon, and the planner
+   * adds back what it should serve.
+   */
+  #qemuWasRunning = true;
+  #checkQemu(): void {
+    const running = this.#options.services.qemu.status().running;
+    if (this.#qemuWasRunning && !running) {
+      this.#options.logger.warn('qemu-storage-daemon is gone; reconciling every export');
+      this.#enqueueAll();
+    }
+    this.#qemuWasRunning = running;
+  }
+
+  #enqueueAll(): void {
+    for (const resource of this.#options.store.list()) this.#queue.add(keyOf(resource.metadata));
   }
 
   async #sweep(): Promise<void> {

@@ -155,7 +155,16 @@ export class Reconciler {
           const { kind: _, ...request } = action;
           const started = Date.now();
           log.info({ path: action.path, format: action.format }, 'creating image');
-          const { inode } = await images.create(request);
+          // Preallocating a large image takes minutes: say that it is still going.
+          const progress = setInterval(
+            () =>
+              log.info(
+                { path: action.path, seconds: Math.round((Date.now() - started) / 1000) },
+                'still creating image',
+              ),
+            10_000,
+          );
+          const { inode } = await images.create(request).finally(() => clearInterval(progress));
           await ledger.record(uid, key, { createdImage: { path: action.path, inode } });
           log.info({ path: action.path, ms: Date.now() - started }, 'image created');
           await this.#event(

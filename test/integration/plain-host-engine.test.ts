@@ -268,6 +268,25 @@ describe('plain-host engine', () => {
     expect(await transfer.finish()).toMatchObject({ exitCode: 0 });
   });
 
+  it('a qemu-storage-daemon that dies is started again and serves its exports again, data intact', async () => {
+    const incr = await node.waitForReady('vm-1-incr');
+    const before = join(node.root, 'incr-before-crash.bin');
+    await nbdcopy(node.uri(incr), before);
+    const [, qemuPid] = await serverPids(node);
+    process.kill(Number(qemuPid), 'SIGKILL');
+    await waitFor('a new qemu-storage-daemon', async () => {
+      const [, pid] = await serverPids(node).catch(() => ['', '']);
+      return pid !== undefined && pid !== '' && pid !== qemuPid ? pid : undefined;
+    });
+    await waitFor('vm-1-incr to be served again', async () =>
+      (await isServed(node.uri(incr))) ? true : undefined,
+    );
+    await node.waitForReady('vm-1-incr');
+    const after = join(node.root, 'incr-after-crash.bin');
+    await nbdcopy(node.uri(incr), after);
+    expect(await sha256File(after)).toBe(await sha256File(before));
+  });
+
   it('killed at any point, the controller converges again with nothing half-done left behind', async () => {
     const names = ['crash-1', 'crash-2', 'crash-3'];
     await node.writeExports('crash.yaml', [
