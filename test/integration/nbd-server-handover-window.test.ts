@@ -128,6 +128,21 @@ it('a connection attempted during a hand-over is refused at once, and the window
     expect(attempts.slice(after).filter((a) => !a.ok)).toEqual([]);
     refused += failed.length;
     if (failed.length > 0) windows.push((failed.at(-1)?.at ?? 0) - (failed[0]?.at ?? 0));
+    if (process.env.NBDX_WINDOW_DETAIL)
+      console.log(
+        JSON.stringify({
+          round,
+          codes: failed.reduce<Record<string, number>>(
+            (c, a) => ({ ...c, [a.code ?? '']: (c[a.code ?? ''] ?? 0) + 1 }),
+            {},
+          ),
+          firstFailAfterMs: Math.round((failed[0]?.at ?? from) - from),
+          spanMs: Math.round((failed.at(-1)?.at ?? 0) - (failed[0]?.at ?? 0)),
+          from: Math.round(from),
+          firstFail: Math.round(failed[0]?.at ?? 0),
+          lastFail: Math.round(failed.at(-1)?.at ?? 0),
+        }),
+      );
   }
   worker.postMessage('stop');
   await loop;

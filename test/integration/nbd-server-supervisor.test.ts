@@ -111,9 +111,10 @@ describe('NbdServerSupervisor (real nbd-server)', () => {
     const transfer = new HeldTransfer(payload, uri('disk-a'), 128 * MiB);
     transfers.push(transfer);
     await transfer.firstHalfWritten();
+    // Only the held client (earlier probes' processes exit when they hang up).
     const clientPids = await waitFor('the client to be seen on disk-a', async () => {
       const pids = (await server.connections()).get('disk-a');
-      return pids && pids.length > 0 ? pids : undefined;
+      return pids?.length === 1 ? pids : undefined;
     });
 
     const b = await sparseFile('b.raw', 16 * MiB);
@@ -147,7 +148,7 @@ describe('NbdServerSupervisor (real nbd-server)', () => {
     transfers.push(transfer);
     await transfer.firstHalfWritten();
     await waitFor('the client on disk-b', async () =>
-      (await server.connections()).get('disk-b')?.length ? true : undefined,
+      (await server.connections()).get('disk-b')?.length === 1 ? true : undefined,
     );
 
     expect(await server.removeExport('disk-b')).toBe(true);
@@ -158,7 +159,7 @@ describe('NbdServerSupervisor (real nbd-server)', () => {
     expect(await isServed(uri('disk-a'))).toBe(true);
 
     // The orphaned client of the removed export is still known by name, and can be cut.
-    expect((await server.connections()).get('disk-b')).toHaveLength(1);
+    expect((await server.connections()).get('disk-b')).toHaveLength(1); // the held client, orphaned
     expect(await server.disconnect('disk-a')).toBe(0); // still configured: never touched
     expect(await server.disconnect('disk-b')).toBe(1);
     expect((await transfer.finish()).exitCode).not.toBe(0);

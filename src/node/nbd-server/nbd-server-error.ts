@@ -8,15 +8,24 @@ export class NbdServerError extends Error {
   readonly command: readonly string[];
   readonly exitCode: number | null;
   readonly stderr: string;
+  /** The launcher succeeded but the daemon exited before listening (typically: the port was taken). */
+  readonly diedAfterDaemonizing: boolean;
 
   constructor(
     message: string,
-    details: { command: readonly string[]; exitCode?: number | null; stderr?: string; cause?: unknown },
+    details: {
+      command: readonly string[];
+      exitCode?: number | null;
+      stderr?: string;
+      cause?: unknown;
+      diedAfterDaemonizing?: boolean;
+    },
   ) {
     const stderr = details.stderr?.trim() ?? '';
     super(stderr === '' ? message : `${message}: ${stderr}`, { cause: details.cause });
     this.command = details.command;
     this.exitCode = details.exitCode ?? null;
     this.stderr = stderr;
+    this.diedAfterDaemonizing = details.diedAfterDaemonizing ?? false;
   }
 }

@@ -12,6 +12,7 @@
  */
 import { spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
+import { once } from 'node:events';
 import { mkdir, open, readFile, rm, stat, truncate } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -31,7 +32,9 @@ import {
 } from './loaded-record.js';
 import { checkedPath, renderBaseConfig } from './render-export-config.js';
 import {
+  anyStillListening,
   isListeningOn,
+  listeningSocketsOf,
   isServerProcess,
   listenersOn,
   listServerProcesses,
@@ -106,6 +109,7 @@ export class NbdServerSupervisor {
   #watchdog: NodeJS.Timeout | undefined;
   #stopped = false;
   #lock: Promise<unknown> = Promise.resolve();
+  #timings: { killed?: number; launcherExited?: number } = {};
 
   constructor(options: NbdServerSupervisorOptions) {
     if (typeof options.stateDir !== 'string' || options.stateDir === '')
@@ -387,7 +391,7 @@ export class NbdServerSupervisor {
           this.#pid = null;
         };
         let pid: number | null = null;
-        if (configured.size > 0) pid = await this.#launch(killOld);
+        if (configured.size > 0) pid = await this.#launchWithRetries(killOld);
         else await killOld();
         const exports: Record<string, LoadedExport> = Object.fromEntries(
           [...configured].map(([name, c]) => [name, { fingerprint: c.fingerprint, path: c.path }]),
@@ -438,6 +442,22 @@ export class NbdServerSupervisor {
     this.#notify(before, this.loaded());
   }
 
+  /**
+   * `#launch`, tried again (after a short pause) when the new parent died after
+   * daemonizing, which is how a failed bind shows: the port may be held a moment longer.
+   */
+  async #launchWithRetries(beforeSpawn: () => Promise<void>): Promise<number> {
+    for (let attempt = 1; ; attempt++) {
+      try {
+        return await this.#launch(attempt === 1 ? beforeSpawn : () => Promise.resolve());
+      } catch (error) {
+        if (!(error instanceof NbdServerError && error.diedAfterDaemonizing) || attempt >= 3) throw error;
+        this.#log.warn({ attempt, err: error }, 'new nbd-server parent died at once; trying again');
+        await sleep(50 * attempt);
+      }
+    }
+  }
+
   /** Starts a parent, calling `beforeSpawn` (the kill) at the last moment; returns its pid once it listens. */
   async #launch(beforeSpawn: () => Promise<void>): Promise<number> {
     await rm(this.pidPath, { force: true });
@@ -450,15 +470,34 @@ export class NbdServerSupervisor {
     let exitCode: number | null;
     try {
       await log.write(`--- ${new Date().toISOString()} ${command.join(' ')}\n`);
-      await beforeSpawn();
-      // nbd-server daemonizes (fork, setsid, stdio to /dev/null, writes the pid file): the
-      // launcher exits at once. Until then its stderr goes to the log file.
-      const launcher = spawn(this.#binary, args, { detached: true, stdio: ['ignore', log.fd, log.fd] });
+      // Forking this (large) process can take from milliseconds to, on a loaded machine,
+      // over a second, and the port is closed from the kill until nbd-server binds. So a
+      // shell is forked first and waits on its stdin; after the kill one newline makes it
+      // exec nbd-server (arguments passed as "$@", never through the shell's parser). EOF
+      // without a newline makes it exit without running anything.
+      // nbd-server then daemonizes (fork, setsid, stdio to /dev/null, pid file) and the
+      // launcher exits; until then its stderr goes to the log file.
+      const launcher = spawn('/bin/sh', ['-c', 'read -r _ && exec "$0" "$@"', this.#binary, ...args], {
+        detached: true,
+        stdio: ['pipe', log.fd, log.fd],
+      });
       launcher.unref();
-      exitCode = await new Promise<number | null>((resolveExit, rejectExit) => {
+      const exited = new Promise<number | null>((resolveExit, rejectExit) => {
         launcher.once('error', rejectExit);
         launcher.once('exit', (code) => resolveExit(code));
       });
+      exited.catch(() => undefined);
+      await Promise.race([once(launcher, 'spawn'), exited]);
+      try {
+        await beforeSpawn();
+      } catch (error) {
+        launcher.stdin?.end();
+        throw error;
+      }
+      this.#timings = { killed: performance.now() };
+      launcher.stdin?.end('\n');
+      exitCode = await exited;
+      this.#timings.launcherExited = performance.now();
     } catch (error) {
       if (error instanceof Error && 'code' in error && typeof error.code === 'string')
         throw new NbdServerError(`could not run ${this.#binary}`, { command, cause: error });
@@ -467,11 +506,14 @@ export class NbdServerSupervisor {
       await log.close();
     }
     if (exitCode !== 0)
-      throw new NbdServerError(`nbd-server exited with code ${String(exitCode)} before serving`, {
-        command,
-        exitCode,
-        stderr: await this.#logSince(logOffset),
-      });
+      throw new NbdServerError(
+        `nbd-server exited with code ${String(exitCode)} before serving (127: not found)`,
+        {
+          command,
+          exitCode,
+          stderr: await this.#logSince(logOffset),
+        },
+      );
 
     const deadline = Date.now() + this.#startTimeoutMs;
     let pid: number | null = null;
@@ -482,10 +524,21 @@ export class NbdServerSupervisor {
           const holders = await listenersOn(this.port);
           throw new NbdServerError(
             `nbd-server (pid ${pid}) exited after daemonizing${holders.length > 0 ? `; port ${this.port} is held by ${holders.join(', ')}` : ''} (it logs to syslog from then on)`,
-            { command, exitCode: 0, stderr: await this.#logSince(logOffset) },
+            { command, exitCode: 0, stderr: await this.#logSince(logOffset), diedAfterDaemonizing: true },
           );
         }
-        if (await isListeningOn(pid, this.port)) return pid;
+        if (await isListeningOn(pid, this.port)) {
+          const { killed = 0, launcherExited = 0 } = this.#timings;
+          this.#log.debug(
+            {
+              pid,
+              launcherMs: Math.round(launcherExited - killed),
+              listeningMs: Math.round(performance.now() - killed),
+            },
+            'new nbd-server parent listens',
+          );
+          return pid;
+        }
       }
       if (Date.now() > deadline)
         throw new NbdServerError(
@@ -500,16 +553,35 @@ export class NbdServerSupervisor {
     }
   }
 
-  /** SIGKILL (never SIGTERM: that takes every child with it), then wait until it has exited. */
+  /**
+   * SIGKILL (never SIGTERM: that takes every child with it), then wait until it has
+   * exited and its listening socket is closed. A child forked for a connection an
+   * instant before holds the listening socket until it closes its copy; a new parent
+   * started before that fails to bind and dies (seen under a stream of connections).
+   */
   async #killParent(pid: number): Promise<void> {
     if (!isServerProcess(pid, this.configPath)) return;
+    const sockets = await listeningSocketsOf(pid, this.port);
     process.kill(pid, 'SIGKILL');
     const deadline = Date.now() + 10_000;
+    // Poll tightly: this is the time the port is closed.
+    const tick = () => new Promise((resolveTick) => setImmediate(resolveTick));
     while (processState(pid) === 'running') {
       if (Date.now() > deadline) throw new Error(`nbd-server parent ${pid} did not exit after SIGKILL`);
-      // Poll tightly: this is the time the port is closed.
-      await new Promise((resolveTick) => setImmediate(resolveTick));
+      await tick();
     }
+    const socketDeadline = Date.now() + 2_000;
+    const exitedAt = performance.now();
+    let heldOpen = false;
+    while ((await anyStillListening(sockets, this.port)) && Date.now() < socketDeadline) {
+      heldOpen = true;
+      await tick();
+    }
+    if (heldOpen)
+      this.#log.debug(
+        { pid, ms: Math.round(performance.now() - exitedAt) },
+        'the listening socket outlived the parent (a child forked an instant before held it)',
+      );
   }
 
   /** SIGTERM, a grace period, SIGKILL; waits until they have exited. */

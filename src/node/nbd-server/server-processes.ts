@@ -111,23 +111,41 @@ export function listeningInodes(procNetTcp: string, port: number): Set<string> {
   return inodes;
 }
 
-/** Whether `pid` holds a socket listening on TCP `port` (only nbd-server's parent does). */
-export async function isListeningOn(pid: number, port: number): Promise<boolean> {
+/** The inodes of every socket listening on TCP `port`, IPv4 and IPv6. */
+async function allListeningInodes(port: number): Promise<Set<string>> {
+  const inodes = new Set<string>();
+  for (const table of ['/proc/net/tcp', '/proc/net/tcp6'])
+    for (const inode of listeningInodes(await readFile(table, 'utf8').catch(() => ''), port))
+      inodes.add(inode);
+  return inodes;
+}
+
+/** The sockets `pid` holds that listen on TCP `port` (only nbd-server's parent has one). */
+export async function listeningSocketsOf(pid: number, port: number): Promise<Set<string>> {
   const own = await socketInodesOf(pid);
-  if (own.size === 0) return false;
-  for (const table of ['/proc/net/tcp', '/proc/net/tcp6']) {
-    const text = await readFile(table, 'utf8').catch(() => '');
-    for (const inode of listeningInodes(text, port)) if (own.has(inode)) return true;
-  }
+  if (own.size === 0) return own;
+  return new Set([...(await allListeningInodes(port))].filter((inode) => own.has(inode)));
+}
+
+/** Whether `pid` holds a socket listening on TCP `port`. */
+export async function isListeningOn(pid: number, port: number): Promise<boolean> {
+  return (await listeningSocketsOf(pid, port)).size > 0;
+}
+
+/**
+ * Whether any of these listening sockets still exists. A socket outlives the process
+ * that opened it while another holds it: a child nbd-server has just forked holds the
+ * parent's listening socket until it closes its copy.
+ */
+export async function anyStillListening(inodes: ReadonlySet<string>, port: number): Promise<boolean> {
+  if (inodes.size === 0) return false;
+  for (const inode of await allListeningInodes(port)) if (inodes.has(inode)) return true;
   return false;
 }
 
 /** Pids of whatever listens on TCP `port` (for an error message when the port is taken). */
 export async function listenersOn(port: number): Promise<string[]> {
-  const inodes = new Set<string>();
-  for (const table of ['/proc/net/tcp', '/proc/net/tcp6'])
-    for (const inode of listeningInodes(await readFile(table, 'utf8').catch(() => ''), port))
-      inodes.add(inode);
+  const inodes = await allListeningInodes(port);
   if (inodes.size === 0) return [];
   const owners: string[] = [];
   for (const entry of await readdir('/proc')) {
