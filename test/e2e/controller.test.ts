@@ -13,7 +13,9 @@ import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { execa } from 'execa';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { EventReason } from '../../src/api/reasons.js';
 import { FINALIZER, type Condition, type NbdExport } from '../../src/api/types.js';
+import { REPORTING_CONTROLLER } from '../../src/kube/kube-export-store.js';
 import { startCluster, type Cluster } from './harness/cluster.js';
 import { ControllerNode, ensureBuilt } from './harness/controller.js';
 import {
@@ -48,6 +50,15 @@ interface ExportCase {
   size: number;
   /** sha256 of what was last written through NBD (the whole image). */
   sha256?: string;
+}
+
+interface KubeEvent {
+  type?: string;
+  reason?: string;
+  note?: string;
+  reportingController?: string;
+  reportingInstance?: string;
+  regarding?: { kind?: string; namespace?: string; name?: string };
 }
 
 let cluster: Cluster | undefined;
@@ -234,6 +245,28 @@ describe('three nodes, each with its own controller', () => {
           await nbdcopy(uri, readBack);
           c.sha256 = await sha256File(source);
           expect(await sha256File(readBack), `${c.name}: what was written reads back`).toBe(c.sha256);
+        }
+
+        // Each controller said so in an event (events.k8s.io/v1, with its ServiceAccount).
+        const events = await waitFor('a Served event for every export', async () => {
+          const list = await kube().kubectlJson<{ items: KubeEvent[] }>([
+            'get',
+            'events.v1.events.k8s.io',
+            '-n',
+            NAMESPACE,
+          ]);
+          const served = list.items.filter(
+            (e) => e.reason === EventReason.Served && e.reportingController === REPORTING_CONTROLLER,
+          );
+          return all.every((c) => served.some((e) => e.regarding?.name === c.name)) ? served : undefined;
+        });
+        for (const c of all) {
+          const event = events.find((e) => e.regarding?.name === c.name)!;
+          expect(event).toMatchObject({
+            type: 'Normal',
+            regarding: { kind: 'NbdExport', namespace: NAMESPACE, name: c.name },
+            reportingInstance: c.node.nodeName,
+          });
         }
 
         // The printer columns show what status says.
