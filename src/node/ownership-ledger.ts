@@ -6,7 +6,7 @@
  */
 import { mkdir, readdir, readFile, rm } from 'node:fs/promises';
 import { join } from 'node:path';
-import { writeFileAtomic } from './atomic-file.js';
+import { removeTemporaryFiles, writeFileAtomic } from './atomic-file.js';
 
 export interface OwnershipRecord {
   uid: string;
@@ -29,6 +29,7 @@ export class OwnershipLedger {
 
   async load(): Promise<void> {
     await mkdir(this.#dir, { recursive: true });
+    await removeTemporaryFiles(this.#dir); // left by a write the controller did not live to finish
     this.#records.clear();
     for (const name of await readdir(this.#dir)) {
       if (!name.endsWith('.json')) continue;

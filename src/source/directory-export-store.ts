@@ -176,6 +176,11 @@ export class DirectoryExportStore {
   /** Status files are the store's memory: UIDs, generations, finalizers and status. */
   async #loadStatusFiles(): Promise<void> {
     for (const name of await readdir(this.#options.statusDir)) {
+      if (/\.yaml\.tmp-\d+$/.test(name)) {
+        // A write the last run did not live to finish: the file it was replacing is intact.
+        await rm(join(this.#options.statusDir, name), { force: true });
+        continue;
+      }
       if (!name.endsWith('.yaml')) continue;
       try {
         const [object] = loadAll(await readFile(join(this.#options.statusDir, name), 'utf8'));

@@ -25,6 +25,7 @@ import {
   type ExportRecord,
 } from './export-state.js';
 import { QmpClient, QmpError } from './qmp-client.js';
+import { removeTemporaryFiles } from '../atomic-file.js';
 
 export interface QemuStorageDaemonOptions {
   /** The controller's state directory; the daemon's files go to `<stateDir>/qemu-storage-daemon/`. */
@@ -296,6 +297,8 @@ export class QemuStorageDaemon {
 
   async #start(): Promise<void> {
     await mkdir(this.#dir, { recursive: true, mode: 0o700 });
+    // A controller killed mid-write leaves the temporary of exports.json behind.
+    await removeTemporaryFiles(this.#dir);
     this.#records = await readExportState(this.#stateFile);
     const pid = await this.#runningDaemon();
     let qmp: QmpClient;
