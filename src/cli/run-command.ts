@@ -20,6 +20,8 @@ export async function runController(options: RunOptions): Promise<void> {
     'starting',
   );
 
+  // The source first: a bad kubeconfig must fail before any server is started.
+  const store = await createStore(options, logger);
   const services = await createNodeServices({
     stateDir: options.stateDir,
     listenAddress: options.listenAddress,
@@ -27,7 +29,6 @@ export async function runController(options: RunOptions): Promise<void> {
     qemuPort: options.qemuPort,
     logger,
   });
-  const store = await createStore(options, logger);
   const policy: NodePolicy = {
     nodeName: options.nodeName,
     allowedRoots: options.allowedRoots,

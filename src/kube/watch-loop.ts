@@ -225,6 +225,9 @@ export class WatchLoop<T extends WatchedObject> {
   async #run(): Promise<void> {
     let needList = true;
     let failures = 0;
+    // 410s in a row: the first one after anything else (a server that just came back after
+    // an outage answers an old resourceVersion with 410) relists at once, whatever failed before.
+    let expiredInARow = 0;
     while (!this.#stopped) {
       const started = this.#clock.now();
       let outcome: WatchOutcome | 'error';
@@ -246,12 +249,14 @@ export class WatchLoop<T extends WatchedObject> {
       }
       if (this.#stopped) break;
       if (this.#clock.now() - started >= this.#backoff.healthyAfterMs) failures = 0;
+      if (outcome !== 'expired') expiredInARow = 0;
       if (outcome === 'expired') {
         this.#counters.expiredTotal++;
         this.#log.info({ resourceVersion: this.#resourceVersion }, 'resourceVersion expired; listing again');
         needList = true;
+        failures++;
         // Relist at once the first time; a server that keeps answering 410 gets the backoff.
-        if (failures++ === 0) continue;
+        if (expiredInARow++ === 0) continue;
       } else if (outcome === 'ended' && failures === 0) {
         continue; // the server's timeout ended a healthy watch: reconnect at once
       } else {

@@ -159,6 +159,32 @@ describe('WatchLoop', { timeout: 30_000 }, () => {
     },
   );
 
+  it('after an outage, the first 410 relists at once instead of waiting out the backoff', async () => {
+    server = await new FakeApiServer().start();
+    server.put(makeExport('ns', 'a'));
+    const lines: { msg?: string; outcome?: string }[] = [];
+    const recording = pino(
+      { level: 'info' },
+      { write: (line: string) => void lines.push(JSON.parse(line) as never) },
+    );
+    const { loop } = await startLoop({ logger: recording });
+    await vi.waitFor(() => expect(server.watches.size).toBe(1), eventually);
+
+    // Several failures build up a backoff; meanwhile the server forgets the history.
+    server.unavailable = true;
+    server.closeWatches();
+    await vi.waitFor(() => expect(server.watchRequests().length).toBeGreaterThanOrEqual(4), eventually);
+    server.put(makeExport('ns', 'b'));
+    server.compact();
+    server.unavailable = false;
+
+    await vi.waitFor(() => expect(loop.get('ns/b')).toBeDefined(), eventually);
+    expect(loop.metrics().expiredTotal).toBe(1);
+    const expired = lines.findIndex((l) => l.msg === 'resourceVersion expired; listing again');
+    expect(expired).toBeGreaterThanOrEqual(0);
+    expect(lines.slice(expired).filter((l) => l.msg === 'reconnecting watch after backoff')).toEqual([]);
+  });
+
   it('relists when a running watch gets an ERROR event with code 410', async () => {
     server = await new FakeApiServer().start();
     server.put(makeExport('ns', 'a'));
