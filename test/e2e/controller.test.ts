@@ -29,9 +29,9 @@ import {
   sha256File,
   tryNbdcopy,
   writeRandomFile,
-} from './harness/nbd.js';
-import { waitFor } from './harness/poll.js';
-import { isRunning, requireBinary } from './harness/repo.js';
+} from '../support/nbd.js';
+import { waitFor } from '../support/poll.js';
+import { isRunning, requireBinary } from '../support/repo.js';
 import { serviceAccountKubeconfig } from './harness/service-account.js';
 
 const NAMESPACE = 'e2e';

@@ -11,8 +11,8 @@ import { loadAll } from 'js-yaml';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { validateSpec } from '../../src/api/validate-spec.js';
 import { startCluster, type Cluster } from './harness/cluster.js';
-import { REPO_ROOT } from './harness/repo.js';
-import { loadSpecCorpus } from './harness/spec-corpus.js';
+import { REPO_ROOT } from '../support/repo.js';
+import { loadSpecCorpus } from '../support/spec-corpus.js';
 
 const NAMESPACE = 'crd-agreement';
 

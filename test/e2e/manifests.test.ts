@@ -11,8 +11,8 @@ import { join } from 'node:path';
 import { loadAll } from 'js-yaml';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { startCluster, type Cluster } from './harness/cluster.js';
-import { waitFor } from './harness/poll.js';
-import { REPO_ROOT, isRunning } from './harness/repo.js';
+import { waitFor } from '../support/poll.js';
+import { REPO_ROOT, isRunning } from '../support/repo.js';
 import {
   CONTROLLER_NAMESPACE,
   CONTROLLER_SERVICE_ACCOUNT,

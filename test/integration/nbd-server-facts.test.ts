@@ -12,9 +12,9 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { execa } from 'execa';
 import { afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { processState } from '../../src/node/nbd-server/server-processes.js';
-import { exportSize, isServed } from '../e2e/harness/nbd.js';
-import { waitFor } from '../e2e/harness/poll.js';
-import { freePorts, requireBinary } from '../e2e/harness/repo.js';
+import { exportSize, isServed } from '../support/nbd.js';
+import { waitFor } from '../support/poll.js';
+import { freePorts, requireBinary } from '../support/repo.js';
 
 describe('nbd-server facts', () => {
   let root = '';

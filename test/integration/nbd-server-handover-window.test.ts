@@ -14,9 +14,9 @@ import { pino } from 'pino';
 import { afterEach, expect, it } from 'vitest';
 import type { ExportConfig } from '../../src/api/export-config.js';
 import { NbdServerSupervisor } from '../../src/node/nbd-server/nbd-server-supervisor.js';
-import { isServed } from '../e2e/harness/nbd.js';
-import { waitFor } from '../e2e/harness/poll.js';
-import { freePorts, requireBinary } from '../e2e/harness/repo.js';
+import { isServed } from '../support/nbd.js';
+import { waitFor } from '../support/poll.js';
+import { freePorts, requireBinary } from '../support/repo.js';
 
 interface Attempt {
   at: number;

@@ -22,9 +22,9 @@ import {
   nbdcopy,
   sha256File,
   writeRandomFile,
-} from '../e2e/harness/nbd.js';
-import { waitFor } from '../e2e/harness/poll.js';
-import { freePorts, requireBinary } from '../e2e/harness/repo.js';
+} from '../support/nbd.js';
+import { waitFor } from '../support/poll.js';
+import { freePorts, requireBinary } from '../support/repo.js';
 
 const MiB = 1024 * 1024;
 

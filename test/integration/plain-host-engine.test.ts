@@ -6,15 +6,8 @@ import { mkdir, readdir, readFile, symlink } from 'node:fs/promises';
 import { join } from 'node:path';
 import { execa } from 'execa';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import {
-  exportSize,
-  isServed,
-  nbdcopy,
-  sha256File,
-  writeRandomFile,
-  HeldTransfer,
-} from '../e2e/harness/nbd.js';
-import { waitFor } from '../e2e/harness/poll.js';
+import { exportSize, isServed, nbdcopy, sha256File, writeRandomFile, HeldTransfer } from '../support/nbd.js';
+import { waitFor } from '../support/poll.js';
 import { nbdExport, PlainHostNode } from './harness/plain-host-controller.js';
 
 const MiB = 1024 * 1024;

@@ -14,8 +14,8 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { execa } from 'execa';
 import { load } from 'js-yaml';
-import { CLUSTER_SCRIPT, REPO_ROOT, freePorts, isRunning, requireBinary } from './repo.js';
-import { waitFor } from './poll.js';
+import { CLUSTER_SCRIPT, REPO_ROOT, freePorts, isRunning, requireBinary } from '../../support/repo.js';
+import { waitFor } from '../../support/poll.js';
 
 export const CRD_NAME = 'nbdexports.nbd.dev';
 

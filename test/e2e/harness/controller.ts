@@ -9,8 +9,8 @@ import { access, mkdir, mkdtemp, open, readFile, realpath, rm } from 'node:fs/pr
 import { tmpdir } from 'node:os';
 import { basename, join } from 'node:path';
 import { execa } from 'execa';
-import { REPO_ROOT, freePorts, isRunning } from './repo.js';
-import { waitFor } from './poll.js';
+import { REPO_ROOT, freePorts, isRunning } from '../../support/repo.js';
+import { waitFor } from '../../support/poll.js';
 
 export const CONTROLLER_BIN = join(REPO_ROOT, 'bin', 'nbd-export-controller');
 

@@ -12,8 +12,8 @@ import { join } from 'node:path';
 import { execa } from 'execa';
 import { load } from 'js-yaml';
 import type { Condition, NbdExport } from '../../../src/api/types.js';
-import { waitFor } from '../../e2e/harness/poll.js';
-import { freePorts, REPO_ROOT } from '../../e2e/harness/repo.js';
+import { waitFor } from '../../support/poll.js';
+import { freePorts, REPO_ROOT } from '../../support/repo.js';
 
 export const MAIN_JS = join(REPO_ROOT, 'dist', 'main.js');
 

@@ -1,20 +1,6 @@
-import { readFileSync } from 'node:fs';
-import { load } from 'js-yaml';
 import { describe, expect, it } from 'vitest';
 import { validateSpec } from '../../../src/api/validate-spec.js';
-
-export interface CorpusCase {
-  name: string;
-  valid: boolean;
-  path?: string;
-  spec: Record<string, unknown>;
-}
-
-export function loadSpecCorpus(): CorpusCase[] {
-  return load(
-    readFileSync(new URL('../../fixtures/spec-corpus.yaml', import.meta.url), 'utf8'),
-  ) as CorpusCase[];
-}
+import { loadSpecCorpus } from '../../support/spec-corpus.js';
 
 describe('validateSpec on the shared corpus', () => {
   const corpus = loadSpecCorpus();

@@ -1,5 +1,5 @@
 /**
- * Where things are, and the checks every end-to-end test needs first: the repository root,
+ * Where things are, and the checks every integration and end-to-end test needs first: the repository root,
  * required programs on PATH, free loopback ports.
  */
 import { readFileSync } from 'node:fs';
@@ -8,7 +8,7 @@ import { createServer, type AddressInfo } from 'node:net';
 import { delimiter, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
-export const REPO_ROOT = fileURLToPath(new URL('../../..', import.meta.url));
+export const REPO_ROOT = fileURLToPath(new URL('../..', import.meta.url));
 
 export const CLUSTER_SCRIPT = join(REPO_ROOT, 'hack', 'cluster.sh');
 
@@ -27,7 +27,7 @@ export async function requireBinary(name: string, installHint = 'run hack/setup.
       // not in this directory
     }
   }
-  throw new Error(`the end-to-end tests need "${name}" on PATH, and it is missing (${installHint})`);
+  throw new Error(`the tests need "${name}" on PATH, and it is missing (${installHint})`);
 }
 
 /**
