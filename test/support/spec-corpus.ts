@@ -12,6 +12,6 @@ export interface CorpusCase {
 
 export function loadSpecCorpus(): CorpusCase[] {
   return load(
-    readFileSync(new URL('../../fixtures/spec-corpus.yaml', import.meta.url), 'utf8'),
+    readFileSync(new URL('../fixtures/spec-corpus.yaml', import.meta.url), 'utf8'),
   ) as CorpusCase[];
 }
