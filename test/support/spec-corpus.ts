@@ -11,7 +11,5 @@ export interface CorpusCase {
 }
 
 export function loadSpecCorpus(): CorpusCase[] {
-  return load(
-    readFileSync(new URL('../fixtures/spec-corpus.yaml', import.meta.url), 'utf8'),
-  ) as CorpusCase[];
+  return load(readFileSync(new URL('../fixtures/spec-corpus.yaml', import.meta.url), 'utf8')) as CorpusCase[];
 }
