@@ -5,19 +5,9 @@
  */
 import { lstat, realpath, stat } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
+import type { PathObservation } from '../plan/observed-state.js';
 
-export type ResolvedPath =
-  | {
-      kind: 'resolved';
-      realPath: string;
-      exists: boolean;
-      parentExists: boolean;
-      isBlockDevice: boolean;
-      isFile: boolean;
-    }
-  | { kind: 'error'; message: string };
-
-export async function resolvePath(path: string): Promise<ResolvedPath> {
+export async function resolvePath(path: string): Promise<PathObservation> {
   try {
     const realPath = await realpath(path);
     const info = await stat(realPath);

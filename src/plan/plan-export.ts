@@ -14,6 +14,7 @@ import {
   type ImageFormat,
   type NbdExport,
   type NbdExportSpec,
+  type NbdExportStatus,
   type ServerKind,
 } from '../api/types.js';
 import { validateSpec } from '../api/validate-spec.js';
@@ -21,15 +22,8 @@ import type { Action } from './actions.js';
 import { isInsideAnyRoot, matchesDevicePattern, type NodePolicy } from './node-policy.js';
 import type { ImageInfo, ObservedExport } from './observed-state.js';
 
-export interface StatusFields {
-  exportName?: string;
-  uri?: string;
-  server?: ServerKind;
-  format?: ImageFormat;
-  virtualSize?: number;
-  actualSize?: number;
-  backingChain?: string[];
-}
+/** The status fields the planner decides; the reconciler adds observedGeneration and conditions. */
+export type StatusFields = Omit<NbdExportStatus, 'observedGeneration' | 'conditions'>;
 
 export interface ExportPlan {
   actions: Action[];

@@ -9,7 +9,6 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { pino } from 'pino';
 import { afterEach, beforeAll, describe, expect, it } from 'vitest';
-import type { ExportConfig } from '../../src/api/export-config.js';
 import {
   NbdServerSupervisor,
   type NbdServerSupervisorOptions,
@@ -25,22 +24,11 @@ import {
 } from '../support/nbd.js';
 import { waitFor } from '../support/poll.js';
 import { freePorts, requireBinary } from '../support/repo.js';
+import { rawExportConfig } from '../support/export-config.js';
 
 const MiB = 1024 * 1024;
 
-function rawExport(exportName: string, path: string, overrides: Partial<ExportConfig> = {}): ExportConfig {
-  return {
-    exportName,
-    server: 'nbd-server',
-    path,
-    format: 'raw',
-    blockDevice: false,
-    readOnly: false,
-    maxConnections: 1,
-    allowedClients: [],
-    ...overrides,
-  };
-}
+const rawExport = rawExportConfig;
 
 describe('NbdServerSupervisor (real nbd-server)', () => {
   let root: string;

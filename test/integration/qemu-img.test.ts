@@ -4,8 +4,7 @@
  * real qemu-nbd holding the image.
  */
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { createHash } from 'node:crypto';
-import { mkdtemp, readFile, readdir, rm, stat, writeFile } from 'node:fs/promises';
+import { mkdtemp, readdir, rm, stat, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -17,6 +16,8 @@ import {
   removeStaleTemporaryImages,
 } from '../../src/node/qemu-img.js';
 import { QemuCommandError } from '../../src/node/qemu-error.js';
+import { sha256File } from '../support/nbd.js';
+import { waitFor } from '../support/poll.js';
 
 const MiB = 1024 * 1024;
 let dir: string;
@@ -37,22 +38,6 @@ afterAll(async () => {
     if (child.exitCode === null && child.signalCode === null) child.kill('SIGTERM');
   await rm(dir, { recursive: true, force: true });
 });
-
-async function sha256(path: string): Promise<string> {
-  return createHash('sha256')
-    .update(await readFile(path))
-    .digest('hex');
-}
-
-async function until<T>(what: string, check: () => Promise<T | undefined>, timeoutMs = 60_000): Promise<T> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const value = await check();
-    if (value !== undefined) return value;
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 100));
-  }
-}
 
 function qemuIo(args: string[]): void {
   const result = spawnSync('qemu-io', args, { encoding: 'utf8' });
@@ -128,17 +113,17 @@ describe('createImage', () => {
   it('never overwrites an existing file, and leaves no temporary behind', async () => {
     const path = join(dir, 'precious.qcow2');
     await writeFile(path, 'not an image, but precious data\n');
-    const before = await sha256(path);
+    const before = await sha256File(path);
     const error = await createImage({ path, format: 'qcow2', sizeBytes: MiB }).catch((e: unknown) => e);
     expect(error).toBeInstanceOf(ImageExistsError);
-    expect(await sha256(path)).toBe(before);
+    expect(await sha256File(path)).toBe(before);
 
     const existingImage = join(dir, 'full.qcow2');
-    const imageBefore = await sha256(existingImage);
+    const imageBefore = await sha256File(existingImage);
     await expect(createImage({ path: existingImage, format: 'raw', sizeBytes: MiB })).rejects.toBeInstanceOf(
       ImageExistsError,
     );
-    expect(await sha256(existingImage)).toBe(imageBefore);
+    expect(await sha256File(existingImage)).toBe(imageBefore);
     expect((await readdir(dir)).filter((name) => name.includes('nbdx-tmp'))).toEqual([]);
   });
 
@@ -198,7 +183,7 @@ describe('probeImageLock', () => {
       expect(await probeImageLock(path)).toEqual({ locked: false });
 
       const server = startQemuNbd(path, format);
-      const probe = await until('the lock', async () => {
+      const probe = await waitFor('the lock', async () => {
         const result = await probeImageLock(path);
         if (server.exitCode !== null) throw new Error(`qemu-nbd exited with ${server.exitCode}`);
         return result.locked ? result : undefined;
@@ -215,7 +200,7 @@ describe('probeImageLock', () => {
         await expect(inspectImage(path)).rejects.toThrow(/Failed to get shared "write" lock/);
 
       await stop(server);
-      await until('the lock to go', async () => ((await probeImageLock(path)).locked ? undefined : true));
+      await waitFor('the lock to go', async () => ((await probeImageLock(path)).locked ? undefined : true));
       expect(await probeImageLock(path)).toEqual({ locked: false });
     });
   }
@@ -229,7 +214,7 @@ describe('probeImageLock', () => {
       stdio: 'ignore',
     });
     children.push(reader);
-    await until('the reader', async () => ((await stat(socket).catch(() => undefined)) ? true : undefined));
+    await waitFor('the reader', async () => ((await stat(socket).catch(() => undefined)) ? true : undefined));
     expect(await probeImageLock(path)).toEqual({ locked: false });
     await stop(reader);
   });

@@ -4,7 +4,7 @@
  * undisturbed neighbours, busy removal, foreign locks and adoption by a new instance.
  */
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { createHash, randomBytes } from 'node:crypto';
+import { randomBytes } from 'node:crypto';
 import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
@@ -18,6 +18,8 @@ import { ExportBusyError, ImageLockedError } from '../../src/node/qemu-storage-d
 import { exportIdsOf } from '../../src/node/qemu-storage-daemon/export-state.js';
 import { QemuStorageDaemon } from '../../src/node/qemu-storage-daemon/qemu-storage-daemon.js';
 import { QmpClient } from '../../src/node/qemu-storage-daemon/qmp-client.js';
+import { sha256File } from '../support/nbd.js';
+import { waitFor } from '../support/poll.js';
 
 const MiB = 1024 * 1024;
 const logger = pino({ level: process.env['LOG_LEVEL'] ?? 'silent' });
@@ -67,22 +69,6 @@ function runAsync(command: string, args: string[]): Promise<string> {
 
 const uri = (name: string) => `nbd://127.0.0.1:${port}/${name}`;
 
-async function sha256(path: string): Promise<string> {
-  return createHash('sha256')
-    .update(await readFile(path))
-    .digest('hex');
-}
-
-async function until<T>(what: string, check: () => Promise<T | undefined>, timeoutMs = 60_000): Promise<T> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const value = await check();
-    if (value !== undefined) return value;
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 100));
-  }
-}
-
 function config(exportName: string, path: string, overrides: Partial<ExportConfig> = {}): ExportConfig {
   return {
     exportName,
@@ -113,7 +99,7 @@ class HeldConnection {
   async command(line: string, expect: RegExp): Promise<string> {
     const start = this.#output.length;
     this.child.stdin?.write(`${line}\n`);
-    return until(`qemu-io "${line}"`, () => {
+    return waitFor(`qemu-io "${line}"`, () => {
       const output = this.#output.slice(start);
       if (expect.test(output)) return Promise.resolve(output);
       if (this.child.exitCode !== null) throw new Error(`qemu-io exited: ${this.#output}`);
@@ -175,7 +161,7 @@ describe('QemuStorageDaemon', () => {
     await runAsync('nbdcopy', ['--flush', source(), uri('disk')]);
     const back = join(dir, 'back.raw');
     await runAsync('nbdcopy', [uri('disk'), back]);
-    expect(await sha256(back)).toBe(await sha256(source()));
+    expect(await sha256File(back)).toBe(await sha256File(source()));
     // The data is in the QCOW2 itself, read by qemu-img beside the daemon (-U: it holds the lock).
     expect(run('qemu-img', ['compare', '-U', '-f', 'raw', '-F', 'qcow2', source(), disk()])).toMatch(
       /identical/,
@@ -216,7 +202,7 @@ describe('QemuStorageDaemon', () => {
     await daemon.removeExport('other', { force: false });
     await transfer;
 
-    expect(await sha256(copy)).toBe(await sha256(source()));
+    expect(await sha256File(copy)).toBe(await sha256File(source()));
     expect(await dump()).toBe(before);
     await held.close();
   });
@@ -235,7 +221,7 @@ describe('QemuStorageDaemon', () => {
     expect((await daemon.exports()).has('disk')).toBe(false);
     expect(await daemon.blockNodes()).toEqual([]);
     // The client was cut: its next read fails or it has gone.
-    await until('the client to notice', async () => {
+    await waitFor('the client to notice', async () => {
       if (held.child.exitCode !== null) return true;
       const output = await held.command('read 0 512', /read failed|bytes|Input\/output|Connection/);
       return /failed|Input\/output|Connection/.test(output) ? true : undefined;
@@ -254,7 +240,7 @@ describe('QemuStorageDaemon', () => {
         stdio: 'ignore',
       });
       children.push(foreign);
-      await until('qemu-nbd', async () =>
+      await waitFor('qemu-nbd', async () =>
         (await readFile(socket).catch((e: NodeJS.ErrnoException) => e.code)) === 'ENXIO' ? true : undefined,
       );
 
@@ -369,7 +355,7 @@ describe('QemuStorageDaemon recovery', () => {
 
     // The daemon dies: the next call starts a new one, which serves nothing yet.
     process.kill(pid ?? 0, 'SIGKILL');
-    await until('the daemon to die', () => Promise.resolve(second.status().running ? undefined : true));
+    await waitFor('the daemon to die', () => Promise.resolve(second.status().running ? undefined : true));
     expect((await second.exports()).size).toBe(0);
     expect(second.status()).toMatchObject({ running: true, adopted: false });
     expect(second.status().pid).not.toBe(pid);

@@ -4,19 +4,10 @@ import { join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { fingerprintOf, type ExportConfig } from '../../../../src/api/export-config.js';
 import { ConfDir } from '../../../../src/node/nbd-server/conf-dir.js';
+import { rawExportConfig } from '../../../support/export-config.js';
 
 function config(exportName: string, overrides: Partial<ExportConfig> = {}): ExportConfig {
-  return {
-    exportName,
-    server: 'nbd-server',
-    path: `/srv/${exportName.replace(/[^a-z0-9]/g, '_')}.raw`,
-    format: 'raw',
-    blockDevice: false,
-    readOnly: false,
-    maxConnections: 1,
-    allowedClients: [],
-    ...overrides,
-  };
+  return rawExportConfig(exportName, `/srv/${exportName.replace(/[^a-z0-9]/g, '_')}.raw`, overrides);
 }
 
 describe('ConfDir', () => {

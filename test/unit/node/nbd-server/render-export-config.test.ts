@@ -7,21 +7,12 @@ import {
   renderBaseConfig,
   renderExportFiles,
 } from '../../../../src/node/nbd-server/render-export-config.js';
+import { rawExportConfig } from '../../../support/export-config.js';
 
 const AUTH = '/var/lib/nbdx/nbd-server/auth/x.allow';
 
 function config(overrides: Partial<ExportConfig> = {}): ExportConfig {
-  return {
-    exportName: 'vm-1234-disk0',
-    server: 'nbd-server',
-    path: '/srv/images/vm-1234/disk0.raw',
-    format: 'raw',
-    blockDevice: false,
-    readOnly: false,
-    maxConnections: 1,
-    allowedClients: [],
-    ...overrides,
-  };
+  return rawExportConfig('vm-1234-disk0', '/srv/images/vm-1234/disk0.raw', overrides);
 }
 
 /** The lines after our header. */
