@@ -41,7 +41,7 @@ head -c $((64 * 1024 * 1024)) /dev/urandom >"$work/full-disk.bin"
 qemu-img convert -q -f raw -O qcow2 "$work/full-disk.bin" "$images/vm-1234/disk0-full.qcow2"
 
 # The example resources, as an operator would write them (several documents in one file).
-sed "s#__IMAGES__#$images#g" examples/demo/exports.yaml >"$work/exports/backups.yaml"
+sed "s#__IMAGES__#$images#g" hack/demo/exports.yaml >"$work/exports/backups.yaml"
 log "example NbdExports in $work/exports/backups.yaml:"
 sed 's/^/    /' "$work/exports/backups.yaml" >&2
 
