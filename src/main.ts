@@ -22,6 +22,10 @@ async function main(argv: string[]): Promise<number> {
   const [command, ...rest] = argv;
   switch (command) {
     case 'run':
+      if (rest.includes('--help') || rest.includes('-h')) {
+        process.stdout.write(`${RUN_USAGE}\n`);
+        return 0;
+      }
       await runController(parseRunOptions(rest));
       return -1; // keeps running until a signal
     case 'get': {
