@@ -17,7 +17,8 @@ export interface NbdServerControl {
   requestApply(): void;
   connections(): Promise<Map<string, number[]>>;
   disconnect(exportName: string): Promise<number>;
-  status(): { running: boolean };
+  /** `lastError`: why the last start or restart failed, if it did. */
+  status(): { running: boolean; lastError: string | null };
   onApplied(listener: (changedExportNames: string[]) => void): void;
 }
 

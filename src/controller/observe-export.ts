@@ -100,7 +100,8 @@ async function serverSnapshot(services: NodeServices, withConnections: boolean):
     withConnections ? services.nbdServer.connections() : Promise.resolve(new Map<string, number[]>()),
   ]);
   const loaded = services.nbdServer.loaded();
-  const nbdRunning = services.nbdServer.status().running;
+  const nbdStatus = services.nbdServer.status();
+  const nbdRunning = nbdStatus.running;
   const qemuRunning = services.qemu.status().running;
   const qemuPaths = new Set([...qemuExports.values()].map((e) => e.config.path));
   return {
@@ -114,6 +115,7 @@ async function serverSnapshot(services: NodeServices, withConnections: boolean):
         if (conf !== undefined) observation.configured = conf;
         if (served !== undefined && nbdRunning) observation.served = served;
         if (pids) observation.connections = pids.length;
+        if (!nbdRunning && nbdStatus.lastError !== null) observation.failure = nbdStatus.lastError;
         return observation;
       }
       const entry = qemuExports.get(exportName);

@@ -42,6 +42,8 @@ export interface ServingObservation {
   served?: string;
   /** nbd-server only: per-client processes still serving this name (orphans included). */
   connections?: number;
+  /** Why the server is not running, when it failed to start. */
+  failure?: string;
 }
 
 export interface ProbeObservation {

@@ -345,6 +345,16 @@ function planServing(
         actions: [...record, { kind: 'writeNbdServerExport', config }, { kind: 'applyNbdServer' }],
         exported: exported('False', Reason.ConfigPending, 'writing the nbd-server configuration'),
       };
+    if (desired.served !== fingerprint && desired.failure !== undefined)
+      return {
+        actions: [...record, { kind: 'applyNbdServer' }],
+        exported: exported(
+          'False',
+          Reason.ServerUnavailable,
+          `nbd-server does not start: ${desired.failure}`,
+        ),
+        requeueAfterMs: RETRY_SOON_MS,
+      };
     if (desired.served !== fingerprint)
       return {
         actions: [...record, { kind: 'applyNbdServer' }],

@@ -113,7 +113,7 @@ export class FakeNode {
         },
         connections: () => Promise.resolve(new Map()),
         disconnect: () => Promise.resolve(0),
-        status: () => ({ running: true }),
+        status: () => ({ running: true, lastError: null }),
         onApplied: (listener) => void this.#appliedListeners.push(listener),
       },
       qemu: {

@@ -326,6 +326,46 @@ describe('planExport: converging', () => {
     expect(ready(plan)).toMatchObject({ status: 'False', reason: 'RestartPending' });
   });
 
+  it('nbd-server that fails to start is reported with its error, and retried', () => {
+    const config: ExportConfig = { ...qcowConfig, server: 'nbd-server', path: RAW, format: 'raw' };
+    const plan = planExport({
+      resource: resource({ source: { file: { path: RAW, format: 'raw' } } }),
+      observed: {
+        path: {
+          kind: 'resolved',
+          realPath: RAW,
+          exists: true,
+          parentExists: true,
+          isFile: true,
+          isBlockDevice: false,
+        },
+        image: {
+          kind: 'present',
+          info: { format: 'raw', virtualSize: GiB, actualSize: GiB, backingChain: [] },
+        },
+        lock: { locked: false },
+        desired: {
+          server: 'nbd-server',
+          exportName: 'backups.vm-1-full',
+          running: false,
+          configured: fingerprintOf(config),
+          failure: 'port 10809 is held by pid 42 (sshd)',
+        },
+        ledger: {
+          uid: 'uid-1',
+          key: 'backups/vm-1-full',
+          exportName: 'backups.vm-1-full',
+          server: 'nbd-server',
+        },
+      },
+      policy,
+    });
+    expect(kinds(plan.actions)).toEqual(['applyNbdServer']);
+    expect(ready(plan)).toMatchObject({ status: 'False', reason: 'ServerUnavailable' });
+    expect(ready(plan)?.message).toContain('port 10809 is held');
+    expect(plan.requeueAfterMs).toBeGreaterThan(0);
+  });
+
   it('a renamed export retires the old name first', () => {
     const plan = planExport({
       resource: resource({ exportName: 'new-name' }),
