@@ -34,6 +34,14 @@ function resource(
   };
 }
 
+/** What `kubectl delete` does to an object that has a finalizer. */
+function markDeleted(store: FakeStore, key: string): void {
+  const deleting = structuredClone(store.get(key));
+  if (!deleting) throw new Error(`${key} is not in the store`);
+  deleting.metadata.deletionTimestamp = '2026-11-25T11:00:00Z';
+  store.put(deleting);
+}
+
 const condition = (store: FakeStore, key: string, type = 'Ready') =>
   store.get(key)?.status?.conditions?.find((c) => c.type === type);
 
@@ -163,9 +171,7 @@ describe('Reconciler (fakes at the node boundary)', () => {
   it('deletion with Delete removes the export, the created file, the ledger entry and the finalizer', async () => {
     store.put(resource('a', { deletionPolicy: 'Delete' }));
     await reconciler.reconcile('ns/a');
-    const deleting = structuredClone(store.get('ns/a')!);
-    deleting.metadata.deletionTimestamp = '2026-11-25T11:00:00Z';
-    store.put(deleting);
+    markDeleted(store, 'ns/a');
     await reconciler.reconcile('ns/a');
     expect(store.get('ns/a')).toBeUndefined();
     expect(node.qemuServed.size).toBe(0);
@@ -176,9 +182,7 @@ describe('Reconciler (fakes at the node boundary)', () => {
   it('deletion with Retain keeps the file', async () => {
     store.put(resource('a'));
     await reconciler.reconcile('ns/a');
-    const deleting = structuredClone(store.get('ns/a')!);
-    deleting.metadata.deletionTimestamp = '2026-11-25T11:00:00Z';
-    store.put(deleting);
+    markDeleted(store, 'ns/a');
     await reconciler.reconcile('ns/a');
     expect(store.get('ns/a')).toBeUndefined();
     expect(node.files.has('/data/a.qcow2')).toBe(true);
@@ -194,9 +198,7 @@ describe('Reconciler (fakes at the node boundary)', () => {
     store.put(resource('mine', { deletionPolicy: 'Delete' }));
     await reconciler.reconcile('ns/mine');
     expect(condition(store, 'ns/mine')?.status).toBe('True');
-    const deleting = structuredClone(store.get('ns/mine')!);
-    deleting.metadata.deletionTimestamp = '2026-11-25T11:00:00Z';
-    store.put(deleting);
+    markDeleted(store, 'ns/mine');
     await reconciler.reconcile('ns/mine');
     expect(store.get('ns/mine')).toBeUndefined();
     expect(node.files.has('/data/mine.qcow2')).toBe(true);

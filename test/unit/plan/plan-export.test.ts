@@ -3,7 +3,7 @@ import { fingerprintOf, type ExportConfig } from '../../../src/api/export-config
 import { FINALIZER, type NbdExport, type NbdExportSpec } from '../../../src/api/types.js';
 import type { Action } from '../../../src/plan/actions.js';
 import type { NodePolicy } from '../../../src/plan/node-policy.js';
-import type { ObservedExport } from '../../../src/plan/observed-state.js';
+import type { ObservedExport, ServingObservation } from '../../../src/plan/observed-state.js';
 import { planExport } from '../../../src/plan/plan-export.js';
 
 const policy: NodePolicy = {
@@ -96,6 +96,26 @@ function converged(
   const merged: Record<string, unknown> = { ...base, ...overrides };
   for (const key of Object.keys(merged)) if (merged[key] === undefined) delete merged[key];
   return merged;
+}
+
+const rawConfig: ExportConfig = { ...qcowConfig, server: 'nbd-server', path: RAW, format: 'raw' };
+
+/** A 1 GiB raw file that the ledger assigns to nbd-server; `desired` says what nbd-server does with it. */
+function rawOnNbdServer(desired: Partial<ServingObservation>): ObservedExport {
+  return {
+    path: {
+      kind: 'resolved',
+      realPath: RAW,
+      exists: true,
+      parentExists: true,
+      isFile: true,
+      isBlockDevice: false,
+    },
+    image: { kind: 'present', info: { format: 'raw', virtualSize: GiB, actualSize: GiB, backingChain: [] } },
+    lock: { locked: false },
+    desired: { server: 'nbd-server', exportName: 'backups.vm-1-full', running: true, ...desired },
+    ledger: { uid: 'uid-1', key: 'backups/vm-1-full', exportName: 'backups.vm-1-full', server: 'nbd-server' },
+  };
 }
 
 const kinds = (actions: Action[]) => actions.map((a) => a.kind);
@@ -241,85 +261,27 @@ describe('planExport: converging', () => {
   });
 
   it('raw file → nbd-server: write config and request one coalesced restart', () => {
-    const spec: Partial<NbdExportSpec> = {
-      source: { file: { path: RAW, format: 'raw' } },
-      allowedClients: ['10.20.0.0/16'],
-    };
     const plan = planExport({
-      resource: resource(spec),
-      observed: {
-        path: {
-          kind: 'resolved',
-          realPath: RAW,
-          exists: true,
-          parentExists: true,
-          isFile: true,
-          isBlockDevice: false,
-        },
-        image: {
-          kind: 'present',
-          info: { format: 'raw', virtualSize: GiB, actualSize: GiB, backingChain: [] },
-        },
-        lock: { locked: false },
-        desired: { server: 'nbd-server', exportName: 'backups.vm-1-full', running: true },
-        ledger: {
-          uid: 'uid-1',
-          key: 'backups/vm-1-full',
-          exportName: 'backups.vm-1-full',
-          server: 'nbd-server',
-        },
-      },
+      resource: resource({
+        source: { file: { path: RAW, format: 'raw' } },
+        allowedClients: ['10.20.0.0/16'],
+      }),
+      observed: rawOnNbdServer({}),
       policy,
     });
     expect(plan.actions).toEqual([
       {
         kind: 'writeNbdServerExport',
-        config: {
-          exportName: 'backups.vm-1-full',
-          server: 'nbd-server',
-          path: RAW,
-          format: 'raw',
-          blockDevice: false,
-          readOnly: false,
-          maxConnections: 1,
-          allowedClients: ['10.20.0.0/16', '127.0.0.1/32'],
-        },
+        config: { ...rawConfig, allowedClients: ['10.20.0.0/16', '127.0.0.1/32'] },
       },
       { kind: 'applyNbdServer' },
     ]);
   });
 
   it('nbd-server config written but not yet loaded → waits for the planned restart', () => {
-    const config: ExportConfig = { ...qcowConfig, server: 'nbd-server', path: RAW, format: 'raw' };
     const plan = planExport({
       resource: resource({ source: { file: { path: RAW, format: 'raw' } } }),
-      observed: {
-        path: {
-          kind: 'resolved',
-          realPath: RAW,
-          exists: true,
-          parentExists: true,
-          isFile: true,
-          isBlockDevice: false,
-        },
-        image: {
-          kind: 'present',
-          info: { format: 'raw', virtualSize: GiB, actualSize: GiB, backingChain: [] },
-        },
-        lock: { locked: false },
-        desired: {
-          server: 'nbd-server',
-          exportName: 'backups.vm-1-full',
-          running: true,
-          configured: fingerprintOf(config),
-        },
-        ledger: {
-          uid: 'uid-1',
-          key: 'backups/vm-1-full',
-          exportName: 'backups.vm-1-full',
-          server: 'nbd-server',
-        },
-      },
+      observed: rawOnNbdServer({ configured: fingerprintOf(rawConfig) }),
       policy,
     });
     expect(kinds(plan.actions)).toEqual(['applyNbdServer']);
@@ -327,37 +289,13 @@ describe('planExport: converging', () => {
   });
 
   it('nbd-server that fails to start is reported with its error, and retried', () => {
-    const config: ExportConfig = { ...qcowConfig, server: 'nbd-server', path: RAW, format: 'raw' };
     const plan = planExport({
       resource: resource({ source: { file: { path: RAW, format: 'raw' } } }),
-      observed: {
-        path: {
-          kind: 'resolved',
-          realPath: RAW,
-          exists: true,
-          parentExists: true,
-          isFile: true,
-          isBlockDevice: false,
-        },
-        image: {
-          kind: 'present',
-          info: { format: 'raw', virtualSize: GiB, actualSize: GiB, backingChain: [] },
-        },
-        lock: { locked: false },
-        desired: {
-          server: 'nbd-server',
-          exportName: 'backups.vm-1-full',
-          running: false,
-          configured: fingerprintOf(config),
-          failure: 'port 10809 is held by pid 42 (sshd)',
-        },
-        ledger: {
-          uid: 'uid-1',
-          key: 'backups/vm-1-full',
-          exportName: 'backups.vm-1-full',
-          server: 'nbd-server',
-        },
-      },
+      observed: rawOnNbdServer({
+        running: false,
+        configured: fingerprintOf(rawConfig),
+        failure: 'port 10809 is held by pid 42 (sshd)',
+      }),
       policy,
     });
     expect(kinds(plan.actions)).toEqual(['applyNbdServer']);
