@@ -2,7 +2,7 @@
  * Fakes at the controller's boundary (the ExportStore and the node services), for unit
  * tests of the glue. The real programs are exercised by the integration tests.
  */
-import { mkdtemp } from 'node:fs/promises';
+import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fingerprintOf, type ExportConfig } from '../../../src/api/export-config.js';
@@ -73,10 +73,17 @@ export class FakeNode {
   ledger!: OwnershipLedger;
   #appliedListeners: ((names: string[]) => void)[] = [];
 
+  #dir = '';
+
   async init(): Promise<this> {
-    this.ledger = new OwnershipLedger(join(await mkdtemp(join(tmpdir(), 'ledger-')), 'ledger'));
+    this.#dir = await mkdtemp(join(tmpdir(), 'ledger-'));
+    this.ledger = new OwnershipLedger(join(this.#dir, 'ledger'));
     await this.ledger.load();
     return this;
+  }
+
+  async dispose(): Promise<void> {
+    await rm(this.#dir, { recursive: true, force: true });
   }
 
   /** What the coalesced restart does, run by the test when it wants. */

@@ -1,5 +1,5 @@
 import { pino } from 'pino';
-import { beforeEach, describe, expect, it } from 'vitest';
+import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { FINALIZER, type NbdExport } from '../../../src/api/types.js';
 import { Reconciler } from '../../../src/controller/reconciler.js';
 import type { NodePolicy } from '../../../src/plan/node-policy.js';
@@ -49,6 +49,10 @@ describe('Reconciler (fakes at the node boundary)', () => {
   let store: FakeStore;
   let node: FakeNode;
   let reconciler: Reconciler;
+
+  afterEach(async () => {
+    await node.dispose();
+  });
 
   beforeEach(async () => {
     store = new FakeStore();

@@ -1,4 +1,4 @@
-import { mkdtempSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import http from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { tmpdir } from 'node:os';
@@ -204,6 +204,7 @@ describe('errorFromStatus', () => {
 
 describe('loadKubeConfig', () => {
   const dir = mkdtempSync(join(tmpdir(), 'kubeconfig-'));
+  afterAll(() => rmSync(dir, { recursive: true, force: true }));
   const write = (name: string, server: string) => {
     const path = join(dir, name);
     writeFileSync(
