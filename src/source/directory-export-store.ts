@@ -37,7 +37,7 @@ export interface DirectoryExportStoreOptions {
   /** Only resources for this node are kept (a missing nodeName is kept, to report it). */
   nodeName: string;
   logger: Logger;
-  /** Rescan at least this often, in case a file-system event was missed. Default 2 s. */
+  /** Rescan at least this often, in case a file-system event was missed. Default 1 s. */
   pollIntervalMs?: number;
   /** Every key is reported changed this often. Default 5 min. */
   resyncIntervalMs?: number;
@@ -86,7 +86,7 @@ export class DirectoryExportStore {
     } catch (error) {
       this.#log.warn({ error: String(error) }, 'cannot watch the directory; polling only');
     }
-    this.#timers.push(setInterval(() => this.#requestScan(), this.#options.pollIntervalMs ?? 2_000));
+    this.#timers.push(setInterval(() => this.#requestScan(), this.#options.pollIntervalMs ?? 1_000));
     this.#timers.push(
       setInterval(() => {
         for (const key of this.#objects.keys()) this.#notify(key);
