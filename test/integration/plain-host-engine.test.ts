@@ -8,6 +8,7 @@ import { execa } from 'execa';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { exportSize, isServed, nbdcopy, sha256File, writeRandomFile, HeldTransfer } from '../support/nbd.js';
 import { waitFor } from '../support/poll.js';
+import { probeImageLock } from '../../src/node/qemu-img.js';
 import { nbdExport, PlainHostNode } from './harness/plain-host-controller.js';
 
 const MiB = 1024 * 1024;
@@ -352,3 +353,36 @@ async function serverPids(node: PlainHostNode): Promise<string[]> {
     pids.push((await readFile(join(node.stateDir, file), 'utf8')).trim());
   return pids;
 }
+
+describe('plain-host engine with --raw-server=qemu-storage-daemon', () => {
+  let node: PlainHostNode;
+
+  beforeAll(async () => {
+    node = await PlainHostNode.create();
+    await node.start(['--raw-server=qemu-storage-daemon']);
+  });
+
+  afterAll(async () => {
+    await node?.destroy();
+  });
+
+  it("serves raw files with qemu-storage-daemon, holding QEMU's write lock on them", async () => {
+    const path = join(node.images, 'raw.img');
+    await node.writeExports('raw.yaml', [
+      nbdExport('raw', { source: { file: { path, format: 'raw', create: { size: '32Mi' } } } }),
+    ]);
+    const raw = await node.waitForReady('raw');
+    expect(raw.status).toMatchObject({ server: 'qemu-storage-daemon', format: 'raw', virtualSize: 32 * MiB });
+    expect(node.uri(raw)).toBe(`nbd://127.0.0.1:${node.qemuPort}/it.raw`);
+
+    const payload = join(node.root, 'payload.bin');
+    await writeRandomFile(payload, 32 * MiB);
+    await execa('nbdcopy', ['--flush', '--connections=1', payload, node.uri(raw)]);
+    expect(await sha256File(path)).toBe(await sha256File(payload));
+
+    // The daemon holds QEMU's write-permission lock on the file, which the lock probe (ours, and
+    // any QEMU-aware tool that looks) sees. QEMU itself lets a second raw writer in: it shares "write".
+    expect(await probeImageLock(path)).toMatchObject({ locked: true });
+    expect(await listFiles(join(node.stateDir, 'nbd-server', 'conf.d'))).toEqual([]);
+  });
+});
