@@ -69,7 +69,7 @@ export class Reconciler {
       const observed = await observeExport(resource, {
         services: this.#services,
         policy: this.#policy,
-        conflict: this.#conflictsFor(resource),
+        conflict: await this.#conflictsFor(resource),
         probe: this.#freshProbe(key),
       });
       if (lockOverride) observed.lock = lockOverride;
@@ -93,24 +93,29 @@ export class Reconciler {
     return plan.requeueAfterMs === undefined ? {} : { requeueAfterMs: plan.requeueAfterMs };
   }
 
-  /** Conflicts are node-wide: decided over every resource the store holds for this node. */
-  #conflictsFor(resource: NbdExport) {
-    const claims: Claim[] = [];
-    for (const other of this.#store.list()) {
-      const validation = validateSpec(other.spec);
-      if (!validation.ok) continue;
-      const source = validation.spec.source;
-      const path = source.file?.path ?? source.blockDevice?.path;
-      claims.push({
-        key: keyOf(other.metadata),
-        uid: other.metadata.uid ?? '',
-        creationTimestamp: other.metadata.creationTimestamp ?? '',
-        exportName: effectiveExportName(other),
-        ...(path === undefined ? {} : { realPath: path }),
-        writable: !(validation.spec.readOnly ?? false),
-      });
-    }
-    return decideConflicts(claims).get(keyOf(resource.metadata));
+  /**
+   * Conflicts are node-wide: decided over every resource the store holds for this node.
+   * Paths are compared resolved, so two spellings of one file (a symlink) are one file.
+   */
+  async #conflictsFor(resource: NbdExport) {
+    const claims = await Promise.all(
+      this.#store.list().map(async (other): Promise<Claim | undefined> => {
+        const validation = validateSpec(other.spec);
+        if (!validation.ok) return undefined;
+        const source = validation.spec.source;
+        const specPath = source.file?.path ?? source.blockDevice?.path ?? '';
+        const resolved = await this.#services.resolvePath(specPath);
+        return {
+          key: keyOf(other.metadata),
+          uid: other.metadata.uid ?? '',
+          creationTimestamp: other.metadata.creationTimestamp ?? '',
+          exportName: effectiveExportName(other),
+          realPath: resolved.kind === 'resolved' ? resolved.realPath : specPath,
+          writable: !(validation.spec.readOnly ?? false),
+        };
+      }),
+    );
+    return decideConflicts(claims.filter((c) => c !== undefined)).get(keyOf(resource.metadata));
   }
 
   #freshProbe(key: ResourceKey): ProbeObservation | undefined {

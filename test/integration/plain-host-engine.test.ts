@@ -160,6 +160,7 @@ describe('plain-host engine', () => {
     const outside = join(node.root, 'outside');
     await mkdir(outside);
     await symlink(outside, join(node.images, 'escape'));
+    await symlink(join(node.images, 'a.raw'), join(node.images, 'alias.raw'));
     const confDir = join(node.stateDir, 'nbd-server', 'conf.d');
     const confBefore = await listFiles(confDir);
     const imagesBefore = await listFiles(node.images);
@@ -188,6 +189,9 @@ describe('plain-host engine', () => {
         source: { file: { path: join(node.images, 't.raw'), format: 'raw', create: { size: '1Mi' } } },
       }),
       nbdExport('second-writer', { source: { file: { path: join(node.images, 'a.raw'), format: 'raw' } } }),
+      nbdExport('alias-writer', {
+        source: { file: { path: join(node.images, 'alias.raw'), format: 'raw' } },
+      }),
     ]);
 
     const escape = await node.waitForReady('escape', 'False', 'PathNotAllowed');
@@ -200,12 +204,21 @@ describe('plain-host engine', () => {
     ).toContain('spec.source.file.path');
     await node.waitForReady('taken-name', 'False', 'ExportNameConflict');
     await node.waitForReady('second-writer', 'False', 'ImageInUse');
+    // The same file through a symlink is the same file.
+    await node.waitForReady('alias-writer', 'False', 'ImageInUse');
 
     expect(await listFiles(outside)).toEqual([]);
     expect(await listFiles(confDir)).toEqual(confBefore);
     expect(await listFiles(node.images)).toEqual(imagesBefore);
     await node.removeExports('bad.yaml');
-    for (const name of ['escape', 'inject-name', 'inject-path', 'taken-name', 'second-writer'])
+    for (const name of [
+      'escape',
+      'inject-name',
+      'inject-path',
+      'taken-name',
+      'second-writer',
+      'alias-writer',
+    ])
       await node.waitForGone(name);
   });
 
