@@ -12,7 +12,8 @@ export default defineConfig({
           name: 'integration',
           include: ['test/integration/**/*.test.ts'],
           fileParallelism: false,
-          testTimeout: 120_000,
+          // Above the tests' own waits (120 s), so a stuck wait reports what it waited for.
+          testTimeout: 300_000,
           hookTimeout: 120_000,
         },
       },

@@ -149,6 +149,10 @@ export class PlainHostNode {
 
   /** Waits until Ready has `status` (and `reason`, if given) for the current generation. */
   async waitForReady(name: string, status: 'True' | 'False' = 'True', reason?: string, timeoutMs = 120_000) {
+    return this.#explainTimeout(name, () => this.#waitForReady(name, status, reason, timeoutMs));
+  }
+
+  async #waitForReady(name: string, status: 'True' | 'False', reason: string | undefined, timeoutMs: number) {
     return waitFor(
       `${name} Ready=${status}${reason ? ` (${reason})` : ''}`,
       async () => {
@@ -161,6 +165,21 @@ export class PlainHostNode {
       },
       { timeoutMs, intervalMs: 200 },
     );
+  }
+
+  /** A timeout says what the resource showed last and what the controller logged. */
+  async #explainTimeout<T>(name: string, wait: () => Promise<T>): Promise<T> {
+    try {
+      return await wait();
+    } catch (error) {
+      const ready = await this.condition(name);
+      const log = await readFile(join(this.root, `controller-${this.#starts}.log`), 'utf8').catch(() => '');
+      const tail = log.trimEnd().split('\n').slice(-15).join('\n');
+      throw new Error(
+        `${error instanceof Error ? error.message : String(error)}\nlast Ready: ${JSON.stringify(ready)}\ncontroller log tail:\n${tail}`,
+        { cause: error },
+      );
+    }
   }
 
   async waitForGone(name: string): Promise<void> {
