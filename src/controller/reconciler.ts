@@ -145,11 +145,19 @@ export class Reconciler {
           this.#probes.delete(key);
           log.info('cleanup finished; finalizer removed');
           return { kind: 'gone' };
-        case 'recordOwnership': {
-          const { kind: _, ...patch } = action;
-          await ledger.record(uid, key, patch);
+        case 'recordOwnership':
+          await ledger.record(uid, key, { createdImage: action.createdImage });
           break;
-        }
+        case 'claimExport':
+          await ledger.claimExport(uid, key, action.server, action.exportName);
+          break;
+        case 'releaseExport':
+          await ledger.releaseExport(uid);
+          break;
+        case 'forgetCreatedImage':
+          log.info('the image path changed; the image created for the old path is kept');
+          await ledger.forgetCreatedImage(uid);
+          break;
         case 'forgetOwnership':
           await ledger.forget(uid);
           break;
@@ -169,7 +177,14 @@ export class Reconciler {
               ),
             10_000,
           );
-          const { inode } = await images.create(request).finally(() => clearInterval(progress));
+          let inode: number;
+          try {
+            ({ inode } = await images.create(request).finally(() => clearInterval(progress)));
+          } catch (error) {
+            // Nothing of ours is at the path (an existing file is never overwritten): forget the intent.
+            await ledger.forgetCreatedImage(uid);
+            throw error;
+          }
           await ledger.record(uid, key, { createdImage: { path: action.path, inode } });
           log.info({ path: action.path, ms: Date.now() - started }, 'image created');
           await this.#event(

@@ -56,9 +56,53 @@ export class OwnershipLedger {
     if (!UID_PATTERN.test(uid))
       throw new TypeError(`uid ${JSON.stringify(uid)} must match ${UID_PATTERN.source}`);
     const next: OwnershipRecord = { ...this.#records.get(uid), ...patch, uid, key };
-    await writeFileAtomic(join(this.#dir, `${uid}.json`), `${JSON.stringify(next, null, 2)}\n`);
-    this.#records.set(uid, next);
+    await this.#write(next);
     return next;
+  }
+
+  async #write(record: OwnershipRecord): Promise<void> {
+    await writeFileAtomic(join(this.#dir, `${record.uid}.json`), `${JSON.stringify(record, null, 2)}\n`);
+    this.#records.set(record.uid, record);
+  }
+
+  /**
+   * Records that `uid` serves `exportName` on `server`, and takes that claim away from any
+   * other record: one export has one owner, so a resource that lost the name can never
+   * retire the export its new owner serves.
+   */
+  async claimExport(
+    uid: string,
+    key: string,
+    server: OwnershipRecord['server'] & string,
+    exportName: string,
+  ) {
+    for (const other of this.#records.values())
+      if (other.uid !== uid && other.server === server && other.exportName === exportName)
+        await this.#write({
+          uid: other.uid,
+          key: other.key,
+          ...(other.createdImage ? { createdImage: other.createdImage } : {}),
+        });
+    return this.record(uid, key, { server, exportName });
+  }
+
+  /** Drops the export claim of `uid` (it serves nothing any more). */
+  async releaseExport(uid: string): Promise<void> {
+    const record = this.#records.get(uid);
+    if (!record || record.exportName === undefined) return;
+    await this.#write({
+      uid: record.uid,
+      key: record.key,
+      ...(record.createdImage ? { createdImage: record.createdImage } : {}),
+    });
+  }
+
+  /** Drops the created-image record of `uid`: that file is then never deleted by the controller. */
+  async forgetCreatedImage(uid: string): Promise<void> {
+    const record = this.#records.get(uid);
+    if (!record?.createdImage) return;
+    const { createdImage: _, ...rest } = record;
+    await this.#write(rest);
   }
 
   async forget(uid: string): Promise<void> {

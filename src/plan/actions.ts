@@ -5,7 +5,13 @@ import type { ImageFormat, Preallocation, ServerKind } from '../api/types.js';
 export type Action =
   | { kind: 'addFinalizer' }
   | { kind: 'removeFinalizer' }
-  | { kind: 'recordOwnership'; exportName?: string; server?: ServerKind; createdImage?: { path: string } }
+  | { kind: 'recordOwnership'; createdImage: { path: string } }
+  /** Takes the export name on that server for this resource, from whoever claimed it before. */
+  | { kind: 'claimExport'; exportName: string; server: ServerKind }
+  /** This resource serves nothing any more (it lost a conflict). */
+  | { kind: 'releaseExport' }
+  /** The resource moved to another file: the one it created is no longer its to delete. */
+  | { kind: 'forgetCreatedImage' }
   | { kind: 'forgetOwnership' }
   | { kind: 'makeParentDirectories'; path: string }
   | {

@@ -84,4 +84,6 @@ export interface ObservedExport {
   probe?: ProbeObservation;
   ledger?: LedgerEntry;
   conflict?: ConflictObservation;
+  /** Other resources on this node that use the image this one created (they keep it alive). */
+  createdImageUsedBy?: string[];
 }

@@ -68,8 +68,16 @@ export function planExport({ resource, observed, policy }: PlanInput): ExportPla
   const fields: StatusFields = { exportName, server, format, uri: uriFor(policy, server, exportName) };
 
   if (observed.conflict) {
+    // A loser stops serving what it served, then gives up its claim; it looks again soon,
+    // since the winner's deletion reaches only the winner's own key.
     const retire = retireOwned(observed, false);
-    return { ...notReady(observed.conflict.reason, observed.conflict.message, 'False', retire), fields };
+    const release: Action[] =
+      retire.length === 0 && observed.ledger?.exportName !== undefined ? [{ kind: 'releaseExport' }] : [];
+    return {
+      ...notReady(observed.conflict.reason, observed.conflict.message, 'False', [...retire, ...release]),
+      fields,
+      requeueAfterMs: RETRY_SOON_MS,
+    };
   }
 
   // Where the image is, and whether the node allows it.
@@ -107,6 +115,14 @@ export function planExport({ resource, observed, policy }: PlanInput): ExportPla
   } else if (path.exists && !path.isFile) {
     return { ...notReady(Reason.ImageInvalid, `${specPath} exists but is not a regular file`), fields };
   }
+
+  // Moved to another file: the image created for the old path is no longer this resource's to delete.
+  const created = observed.ledger?.createdImage;
+  if (created && created.path !== path.realPath)
+    return {
+      ...waiting([{ kind: 'forgetCreatedImage' }], Reason.Reconciling, 'the image path changed'),
+      fields,
+    };
 
   if (server === 'qemu-storage-daemon' && (spec.allowedClients?.length ?? 0) > 0)
     return {
@@ -184,12 +200,14 @@ function planDeletion(resource: NbdExport, observed: ObservedExport, hasFinalize
   const actions: Action[] = [];
   const created = observed.ledger?.createdImage;
   const policy = resource.spec.deletionPolicy ?? 'Retain';
-  if (created && policy === 'Delete' && observed.image?.kind === 'present')
-    actions.push({
-      kind: 'deleteImage',
-      path: created.path,
-      ...(created.inode === undefined ? {} : { inode: created.inode }),
-    });
+  // Only a file proven ours (its inode recorded after creation) that no other resource uses.
+  if (
+    created?.inode !== undefined &&
+    policy === 'Delete' &&
+    observed.image?.kind === 'present' &&
+    (observed.createdImageUsedBy ?? []).length === 0
+  )
+    actions.push({ kind: 'deleteImage', path: created.path, inode: created.inode });
   if (observed.ledger) actions.push({ kind: 'forgetOwnership' });
   actions.push({ kind: 'removeFinalizer' });
   return deleting('cleaning up', actions);
@@ -333,7 +351,7 @@ function planServing(
   const record: Action[] =
     ledger?.exportName === config.exportName && ledger.server === config.server
       ? []
-      : [{ kind: 'recordOwnership', exportName: config.exportName, server: config.server }];
+      : [{ kind: 'claimExport', exportName: config.exportName, server: config.server }];
 
   const desired = observed.desired;
   if (!desired)

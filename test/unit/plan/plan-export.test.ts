@@ -89,7 +89,7 @@ function converged(
       key: 'backups/vm-1-full',
       exportName: 'backups.vm-1-full',
       server: 'qemu-storage-daemon',
-      createdImage: { path: QCOW },
+      createdImage: { path: QCOW, inode: 4242 },
     },
     probe: { fingerprint: qcowPrint, ok: true, size: GiB, message: 'ok' },
   };
@@ -222,7 +222,7 @@ describe('planExport: converging', () => {
       policy,
     });
     expect(plan.actions).toEqual([
-      { kind: 'recordOwnership', exportName: 'backups.vm-1-full', server: 'qemu-storage-daemon' },
+      { kind: 'claimExport', exportName: 'backups.vm-1-full', server: 'qemu-storage-daemon' },
       { kind: 'addQemuExport', config: qcowConfig },
     ]);
   });
@@ -337,7 +337,7 @@ describe('planExport: converging', () => {
       }),
       policy: { ...policy, rawServer: 'qemu-storage-daemon' },
     });
-    expect(kinds(plan.actions)).toEqual(['recordOwnership', 'addQemuExport']);
+    expect(kinds(plan.actions)).toEqual(['claimExport', 'addQemuExport']);
     expect(plan.fields.uri).toBe('nbd://10.20.1.5:10810/backups.vm-1-full');
   });
 });
@@ -424,6 +424,7 @@ describe('planExport: refusing, with nothing done on the node', () => {
       resource: resource(),
       observed: converged({
         owned: undefined,
+        ledger: { uid: 'uid-1', key: 'backups/vm-1-full' },
         conflict: { reason: 'ExportNameConflict', message: 'taken by backups/older' },
       }),
       reason: 'ExportNameConflict',
@@ -498,6 +499,39 @@ describe('planExport: refusing, with nothing done on the node', () => {
     });
   }
 
+  it('a conflict loser that serves nothing gives up its claim, and looks again soon', () => {
+    const plan = planExport({
+      resource: resource(),
+      observed: converged({
+        owned: { server: 'qemu-storage-daemon', exportName: 'backups.vm-1-full', running: true },
+        conflict: { reason: 'ExportNameConflict', message: 'taken' },
+      }),
+      policy,
+    });
+    expect(plan.actions).toEqual([{ kind: 'releaseExport' }]);
+    expect(plan.requeueAfterMs).toBeGreaterThan(0);
+  });
+
+  it('a resource moved to another file forgets the image it created for the old one', () => {
+    const plan = planExport({
+      resource: resource({
+        source: { file: { path: '/var/lib/nbd-exports/vm-1/other.qcow2', format: 'qcow2' } },
+      }),
+      observed: converged({
+        path: {
+          kind: 'resolved',
+          realPath: '/var/lib/nbd-exports/vm-1/other.qcow2',
+          exists: true,
+          parentExists: true,
+          isFile: true,
+          isBlockDevice: false,
+        },
+      }),
+      policy,
+    });
+    expect(plan.actions).toEqual([{ kind: 'forgetCreatedImage' }]);
+  });
+
   it('a conflict loser that served the name before retires it', () => {
     const plan = planExport({
       resource: resource(),
@@ -531,10 +565,31 @@ describe('planExport: deletion', () => {
       policy,
     });
     expect(plan.actions).toEqual([
-      { kind: 'deleteImage', path: QCOW },
+      { kind: 'deleteImage', path: QCOW, inode: 4242 },
       { kind: 'forgetOwnership' },
       { kind: 'removeFinalizer' },
     ]);
+  });
+
+  it('keeps a created file whose inode was never recorded (creation not proven)', () => {
+    const plan = planExport({
+      resource: deleting('Delete'),
+      observed: converged({
+        owned: undefined,
+        ledger: { uid: 'uid-1', key: 'backups/vm-1-full', createdImage: { path: QCOW } },
+      }),
+      policy,
+    });
+    expect(kinds(plan.actions)).toEqual(['forgetOwnership', 'removeFinalizer']);
+  });
+
+  it('keeps a created file another resource still exports', () => {
+    const plan = planExport({
+      resource: deleting('Delete'),
+      observed: converged({ owned: undefined, createdImageUsedBy: ['backups/reader'] }),
+      policy,
+    });
+    expect(kinds(plan.actions)).toEqual(['forgetOwnership', 'removeFinalizer']);
   });
 
   it('keeps the file with Retain', () => {
