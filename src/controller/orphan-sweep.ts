@@ -32,18 +32,22 @@ export async function sweepOrphans(
     await ledger.forget(record.uid);
   }
 
+  // What the servers serve is listed before the ledger is read: a reconcile records its claim
+  // before it adds an export, so an export listed here is either claimed below or truly orphaned.
+  const nbdConfigured = await nbdServer.configured();
+  const nbdLoaded = [...nbdServer.loaded().keys()];
+  const qemuServed = await qemu.exports();
   const owned = new Set(
     ledger.all().flatMap((r) => (r.exportName === undefined ? [] : [`${r.server}/${r.exportName}`])),
   );
   let nbdChanged = false;
-  for (const exportName of (await nbdServer.configured()).keys()) {
+  for (const exportName of nbdConfigured.keys()) {
     if (owned.has(`nbd-server/${exportName}`)) continue;
     logger.warn({ export: exportName }, 'nbd-server export owned by no resource; removing it');
     nbdChanged = (await nbdServer.removeExport(exportName)) || nbdChanged;
   }
-  if (nbdChanged || [...nbdServer.loaded().keys()].some((name) => !owned.has(`nbd-server/${name}`)))
-    nbdServer.requestApply();
-  for (const exportName of (await qemu.exports()).keys()) {
+  if (nbdChanged || nbdLoaded.some((name) => !owned.has(`nbd-server/${name}`))) nbdServer.requestApply();
+  for (const exportName of qemuServed.keys()) {
     if (owned.has(`qemu-storage-daemon/${exportName}`)) continue;
     logger.warn({ export: exportName }, 'qemu-storage-daemon export owned by no resource; removing it');
     await qemu.removeExport(exportName, { force: true });

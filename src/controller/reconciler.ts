@@ -62,20 +62,31 @@ export class Reconciler {
     let lockOverride: LockObservation | undefined;
     let busyMessage: string | undefined;
     let plan: ExportPlan | undefined;
+    /** The generation the last plan was made from: status must not claim a newer one. */
+    let plannedGeneration: number | undefined;
+    let stepsLeft = false;
 
     for (let step = 0; step < MAX_STEPS; step++) {
       resource = this.#store.get(key);
       if (!resource) return {};
+      const claims = await this.#claims();
       const observed = await observeExport(resource, {
         services: this.#services,
         policy: this.#policy,
-        conflict: await this.#conflictsFor(resource),
+        conflict: decideConflicts(claims).get(key),
         probe: this.#freshProbe(key),
       });
       if (lockOverride) observed.lock = lockOverride;
+      const created = observed.ledger?.createdImage;
+      if (created) {
+        const usedBy = claims.filter((c) => c.key !== key && c.realPath === created.path).map((c) => c.key);
+        if (usedBy.length > 0) observed.createdImageUsedBy = usedBy;
+      }
       plan = planExport({ resource, observed, policy: this.#policy });
+      plannedGeneration = resource.metadata.generation;
       if (busyMessage !== undefined) break;
       if (plan.actions.length === 0) break;
+      stepsLeft = step === MAX_STEPS - 1;
       log.debug({ actions: plan.actions.map((a) => a.kind) }, 'executing plan');
 
       const outcome = await this.#execute(resource, plan.actions, log);
@@ -89,15 +100,18 @@ export class Reconciler {
 
     const current = this.#store.get(key);
     if (!current) return {};
-    await this.#writeStatus(current, plan, wasReady, log);
+    await this.#writeStatus(current, plannedGeneration, plan, wasReady, log);
+    // A plan that needed more steps than one run takes continues at once.
+    if (stepsLeft) return { requeueAfterMs: 1 };
     return plan.requeueAfterMs === undefined ? {} : { requeueAfterMs: plan.requeueAfterMs };
   }
 
   /**
-   * Conflicts are node-wide: decided over every resource the store holds for this node.
-   * Paths are compared resolved, so two spellings of one file (a symlink) are one file.
+   * What every resource of the node claims (export name, resolved path, writer or not), for
+   * the node-wide decisions: conflicts, and whether a created image is still in use.
+   * Paths are resolved, so two spellings of one file (a symlink) are one file.
    */
-  async #conflictsFor(resource: NbdExport) {
+  async #claims(): Promise<Claim[]> {
     const claims = await Promise.all(
       this.#store.list().map(async (other): Promise<Claim | undefined> => {
         const validation = validateSpec(other.spec);
@@ -115,7 +129,7 @@ export class Reconciler {
         };
       }),
     );
-    return decideConflicts(claims.filter((c) => c !== undefined)).get(keyOf(resource.metadata));
+    return claims.filter((c) => c !== undefined);
   }
 
   #freshProbe(key: ResourceKey): ProbeObservation | undefined {
@@ -275,9 +289,14 @@ export class Reconciler {
     }
   }
 
-  async #writeStatus(resource: NbdExport, plan: ExportPlan, wasReady: boolean, log: Logger): Promise<void> {
+  async #writeStatus(
+    resource: NbdExport,
+    generation: number | undefined,
+    plan: ExportPlan,
+    wasReady: boolean,
+    log: Logger,
+  ): Promise<void> {
     const key = keyOf(resource.metadata);
-    const generation = resource.metadata.generation;
     const previous = resource.status ?? {};
     const status: NbdExportStatus = {
       ...(generation === undefined ? {} : { observedGeneration: generation }),
