@@ -39,6 +39,8 @@ export interface DirectoryExportStoreOptions {
   logger: Logger;
   /** Rescan at least this often, in case a file-system event was missed. Default 1 s. */
   pollIntervalMs?: number;
+  /** A resource must stay missing this long before it counts as deleted. Default 2 s. */
+  deletionGraceMs?: number;
   /** Every key is reported changed this often. Default 5 min. */
   resyncIntervalMs?: number;
   /** Injected so that tests control time. */
@@ -57,6 +59,8 @@ export class DirectoryExportStore {
   readonly #listeners: ((key: ResourceKey) => void)[] = [];
   /** Last good parse of each source file, so a broken edit deletes nothing. */
   readonly #lastGoodDocuments = new Map<string, unknown[]>();
+  /** When each resource was first found missing from the directory. */
+  readonly #missingSince = new Map<ResourceKey, number>();
   #watcher: FSWatcher | undefined;
   #timers: NodeJS.Timeout[] = [];
   #scanning: Promise<void> | undefined;
@@ -192,7 +196,7 @@ export class DirectoryExportStore {
   }
 
   async #scan(): Promise<void> {
-    const documents = await this.#readSourceDocuments();
+    const { documents, complete } = await this.#readSourceDocuments();
     const seen = new Set<ResourceKey>();
     for (const { file, document } of documents) {
       const parsed = this.#toResource(file, document);
@@ -203,12 +207,30 @@ export class DirectoryExportStore {
         continue;
       }
       seen.add(key);
-      if (typeof parsed.spec.nodeName === 'string' && parsed.spec.nodeName !== this.#options.nodeName)
+      if (typeof parsed.spec.nodeName === 'string' && parsed.spec.nodeName !== this.#options.nodeName) {
+        // As on Kubernetes, nodeName cannot change: a resource of this node that now names
+        // another one keeps its last spec here (and is not deleted) until it is removed.
+        if (this.#objects.has(key))
+          this.#log.error({ key, file }, 'spec.nodeName cannot change; keeping the last spec for this node');
         continue;
+      }
       await this.#upsert(key, parsed);
     }
+    // Deletion is decided only from a complete reading, and only for a resource missing for
+    // a while: a file that does not parse, or one caught half-written, deletes nothing.
+    const now = Date.now();
     for (const [key, object] of this.#objects) {
-      if (seen.has(key) || object.metadata.deletionTimestamp !== undefined) continue;
+      if (seen.has(key) || object.metadata.deletionTimestamp !== undefined || !complete) {
+        this.#missingSince.delete(key);
+        continue;
+      }
+      const since = this.#missingSince.get(key) ?? now;
+      this.#missingSince.set(key, since);
+      if (now - since < (this.#options.deletionGraceMs ?? 2_000)) {
+        this.#requestScanSoon();
+        continue;
+      }
+      this.#missingSince.delete(key);
       if (object.metadata.finalizers?.length) {
         const next = {
           ...object,
@@ -224,11 +246,21 @@ export class DirectoryExportStore {
     }
   }
 
-  async #readSourceDocuments(): Promise<{ file: string; document: unknown }[]> {
+  /** Another look soon, for a resource whose absence is being confirmed. */
+  #requestScanSoon(): void {
+    if (this.#timers.length === 0) return; // not started yet, or stopped
+    setTimeout(() => this.#requestScan(), 500).unref();
+  }
+
+  async #readSourceDocuments(): Promise<{
+    documents: { file: string; document: unknown }[];
+    complete: boolean;
+  }> {
     const files = (await readdir(this.#options.sourceDir))
       .filter((n) => /\.ya?ml$/.test(n) && !n.startsWith('.'))
       .sort();
     const result: { file: string; document: unknown }[] = [];
+    let complete = true;
     for (const file of files) {
       let documents: unknown[];
       try {
@@ -241,13 +273,14 @@ export class DirectoryExportStore {
           kept ? 'file does not parse; keeping its last good contents' : 'file does not parse; ignored',
         );
         documents = kept ?? [];
+        if (!kept) complete = false;
       }
       for (const document of documents)
         if (document !== null && document !== undefined) result.push({ file, document });
     }
     for (const file of this.#lastGoodDocuments.keys())
       if (!files.includes(file)) this.#lastGoodDocuments.delete(file);
-    return result;
+    return { documents: result, complete };
   }
 
   #toResource(file: string, document: unknown): NbdExport | undefined {

@@ -143,6 +143,35 @@ describe('DirectoryExportStore', () => {
     expect(store.get('backups/one')?.metadata.deletionTimestamp).toBeUndefined();
   });
 
+  it('a file that does not parse when the controller starts deletes nothing, however long it stays broken', async () => {
+    await writeFile(join(sourceDir, 'a.yaml'), doc('one'));
+    await open();
+    await store.addFinalizer('backups/one');
+    await store.stop();
+    await writeFile(join(sourceDir, 'a.yaml'), 'spec: [unclosed\n  - : :');
+    store = new DirectoryExportStore({
+      sourceDir,
+      statusDir,
+      nodeName: 'n1',
+      logger,
+      pollIntervalMs: 50,
+      deletionGraceMs: 100,
+    });
+    await store.start();
+    await new Promise((r) => setTimeout(r, 500));
+    expect(store.get('backups/one')?.metadata.deletionTimestamp).toBeUndefined();
+  });
+
+  it('a resource that now names another node is kept, not deleted (nodeName cannot change)', async () => {
+    await writeFile(join(sourceDir, 'a.yaml'), doc('one'));
+    await open();
+    await store.addFinalizer('backups/one');
+    await writeFile(join(sourceDir, 'a.yaml'), doc('one', 'n2'));
+    await new Promise((r) => setTimeout(r, 600));
+    expect(store.get('backups/one')?.metadata.deletionTimestamp).toBeUndefined();
+    expect(store.get('backups/one')?.spec.nodeName).toBe('n1');
+  });
+
   it('ignores documents without a valid name or with another apiVersion', async () => {
     await writeFile(
       join(sourceDir, 'a.yaml'),
