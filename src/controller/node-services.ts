@@ -17,6 +17,8 @@ export interface NbdServerControl {
   requestApply(): void;
   connections(): Promise<Map<string, number[]>>;
   disconnect(exportName: string): Promise<number>;
+  /** Per export, clients still using an older configuration of it (connected before a change). */
+  staleConnections(): Promise<Map<string, number>>;
   /** `lastError`: why the last start or restart failed, if it did. */
   status(): { running: boolean; lastError: string | null };
   onApplied(listener: (changedExportNames: string[]) => void): void;

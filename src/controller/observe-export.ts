@@ -28,7 +28,17 @@ export async function observeExport(resource: NbdExport, context: ObserveContext
   const { services, policy } = context;
   const uid = resource.metadata.uid ?? '';
   const ledger = services.ledger.get(uid);
-  const servers = await serverSnapshot(services, resource.metadata.deletionTimestamp !== undefined);
+  const deleting = resource.metadata.deletionTimestamp !== undefined;
+  const validation = validateSpec(resource.spec);
+  // Who should serve it decides which /proc scans are worth making.
+  const wantsNbdServer =
+    validation.ok &&
+    (validation.spec.source.file?.format ?? 'raw') === 'raw' &&
+    policy.rawServer === 'nbd-server';
+  const servers = await serverSnapshot(services, {
+    connections: deleting,
+    stale: !deleting && wantsNbdServer,
+  });
 
   const observed: ObservedExport = {
     ...(ledger ? { ledger } : {}),
@@ -38,8 +48,7 @@ export async function observeExport(resource: NbdExport, context: ObserveContext
   if (ledger?.exportName !== undefined && ledger.server !== undefined)
     observed.owned = servers.serving(ledger.server, ledger.exportName);
 
-  const validation = validateSpec(resource.spec);
-  if (resource.metadata.deletionTimestamp !== undefined || !validation.ok) {
+  if (deleting || !validation.ok) {
     const created = ledger?.createdImage;
     if (created) observed.image = await inspect(services, created.path, false);
     return observed;
@@ -93,11 +102,15 @@ interface ServerSnapshot {
   qemuPaths: Set<string>;
 }
 
-async function serverSnapshot(services: NodeServices, withConnections: boolean): Promise<ServerSnapshot> {
-  const [configured, qemuExports, connections] = await Promise.all([
+async function serverSnapshot(
+  services: NodeServices,
+  scan: { connections: boolean; stale: boolean },
+): Promise<ServerSnapshot> {
+  const [configured, qemuExports, connections, stale] = await Promise.all([
     services.nbdServer.configured(),
     services.qemu.exports(),
-    withConnections ? services.nbdServer.connections() : Promise.resolve(new Map<string, number[]>()),
+    scan.connections ? services.nbdServer.connections() : Promise.resolve(new Map<string, number[]>()),
+    scan.stale ? services.nbdServer.staleConnections() : Promise.resolve(new Map<string, number>()),
   ]);
   const loaded = services.nbdServer.loaded();
   const nbdStatus = services.nbdServer.status();
@@ -115,6 +128,8 @@ async function serverSnapshot(services: NodeServices, withConnections: boolean):
         if (conf !== undefined) observation.configured = conf;
         if (served !== undefined && nbdRunning) observation.served = served;
         if (pids) observation.connections = pids.length;
+        const staleCount = stale.get(exportName);
+        if (staleCount) observation.staleConnections = staleCount;
         if (!nbdRunning && nbdStatus.lastError !== null) observation.failure = nbdStatus.lastError;
         return observation;
       }

@@ -42,6 +42,8 @@ export interface ServingObservation {
   served?: string;
   /** nbd-server only: per-client processes still serving this name (orphans included). */
   connections?: number;
+  /** nbd-server only: clients connected before the served configuration began, still on the old one. */
+  staleConnections?: number;
   /** Why the server is not running, when it failed to start. */
   failure?: string;
 }

@@ -410,6 +410,19 @@ function planServing(
   if (record.length > 0)
     return { actions: record, exported: exported('False', Reason.Reconciling, 'recording ownership') };
 
+  // A hand-over applies a change to new connections only: say so while older ones remain.
+  const stale = config.server === 'nbd-server' ? (desired.staleConnections ?? 0) : 0;
+  if (stale > 0)
+    return {
+      actions: [],
+      exported: exported(
+        'False',
+        Reason.RestartPending,
+        `${stale} client(s) connected before the last change keep the previous configuration until they disconnect; new connections get the new one. Delete and re-create the resource to cut them.`,
+      ),
+      requeueAfterMs: RETRY_SOON_MS,
+    };
+
   const probe = observed.probe;
   if (!probe || probe.fingerprint !== fingerprint)
     return {

@@ -25,6 +25,7 @@ import {
 import { waitFor } from '../support/poll.js';
 import { freePorts, requireBinary } from '../support/repo.js';
 import { rawExportConfig } from '../support/export-config.js';
+import { fingerprintOf } from '../../src/api/export-config.js';
 
 const MiB = 1024 * 1024;
 
@@ -153,6 +154,37 @@ describe('NbdServerSupervisor (real nbd-server)', () => {
     expect((await transfer.finish()).exitCode).not.toBe(0);
     expect((await server.connections()).get('disk-b')).toBeUndefined();
     expect(await isServed(uri('disk-a'))).toBe(true);
+  });
+
+  it('a changed export reaches new clients at once; a client from before is counted as stale until it leaves', async () => {
+    await setUp();
+    const disk = await sparseFile('disk.raw', 64 * MiB);
+    const server = supervisor();
+    await server.writeExport(rawExport('disk', disk));
+    await server.start();
+    const payload = join(root, 'payload.bin');
+    await writeRandomFile(payload, 64 * MiB);
+    const transfer = new HeldTransfer(payload, uri('disk'), 32 * MiB);
+    transfers.push(transfer);
+    await transfer.firstHalfWritten();
+    await waitFor('the client on disk', async () =>
+      (await server.connections()).get('disk')?.length === 1 ? true : undefined,
+    );
+    expect((await server.staleConnections()).get('disk')).toBeUndefined();
+
+    const readOnly = rawExport('disk', disk, { readOnly: true });
+    await server.writeExport(readOnly);
+    server.requestApply();
+    await waitFor('the read-only configuration to be served', () =>
+      server.loaded().get('disk') === fingerprintOf(readOnly) ? true : undefined,
+    );
+    expect(await canWrite(uri('disk'))).toBe(false); // new clients: read-only
+    expect((await server.staleConnections()).get('disk')).toBe(1); // the client from before
+    // It keeps the access it had (the documented limit) and finishes; then nothing is stale.
+    expect(await transfer.finish()).toMatchObject({ exitCode: 0 });
+    await waitFor('the stale client to be gone', async () =>
+      (await server.staleConnections()).get('disk') === undefined ? true : undefined,
+    );
   });
 
   it('(c) a burst of changes within the debounce window gives exactly one restart', async () => {

@@ -15,6 +15,11 @@ import { writeFileAtomic } from '../atomic-file.js';
 export interface LoadedExport {
   fingerprint: string;
   path: string;
+  /**
+   * Start (clock ticks since boot) of the parent that first served this fingerprint: a client
+   * process started before it was forked under an older configuration of the export.
+   */
+  sinceTicks?: number;
 }
 
 export interface LoadedRecord {

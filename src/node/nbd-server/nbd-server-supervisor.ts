@@ -39,6 +39,7 @@ import {
   listenersOn,
   listServerProcesses,
   processState,
+  startTicksOf,
 } from './server-processes.js';
 
 export interface NbdServerSupervisorOptions {
@@ -279,6 +280,26 @@ export class NbdServerSupervisor {
   }
 
   /**
+   * Per export, how many clients still use an older configuration of it: their processes
+   * were forked (by an earlier parent) before the served configuration began. A hand-over
+   * applies a change to new connections only; these keep what they had until they leave.
+   */
+  async staleConnections(): Promise<Map<string, number>> {
+    const byPath = new Map<string, [string, number][]>();
+    for (const [name, e] of Object.entries(this.#record.exports))
+      if (e.sinceTicks !== undefined)
+        byPath.set(e.path, [...(byPath.get(e.path) ?? []), [name, e.sinceTicks]]);
+    const result = new Map<string, number>();
+    for (const process of await listServerProcesses(this.configPath)) {
+      if (process.pid === this.#pid) continue;
+      for (const path of process.paths)
+        for (const [name, since] of byPath.get(path) ?? [])
+          if (process.startTicks < since) result.set(name, (result.get(name) ?? 0) + 1);
+    }
+    return result;
+  }
+
+  /**
    * Ends the per-client processes of an export that is no longer configured (deleting
    * a resource revokes access): SIGTERM, then SIGKILL after a grace period. Returns how
    * many there were. Does nothing for an export still configured in conf.d.
@@ -393,8 +414,21 @@ export class NbdServerSupervisor {
         let pid: number | null = null;
         if (configured.size > 0) pid = await this.#launchWithRetries(killOld);
         else await killOld();
+        const newStart = pid === null ? undefined : startTicksOf(pid);
         const exports: Record<string, LoadedExport> = Object.fromEntries(
-          [...configured].map(([name, c]) => [name, { fingerprint: c.fingerprint, path: c.path }]),
+          [...configured].map(([name, c]) => {
+            const before = this.#record.exports[name];
+            // Unchanged exports keep when their configuration began; changed or new ones begin now.
+            const sinceTicks = before?.fingerprint === c.fingerprint ? before.sinceTicks : newStart;
+            return [
+              name,
+              {
+                fingerprint: c.fingerprint,
+                path: c.path,
+                ...(sinceTicks === undefined ? {} : { sinceTicks }),
+              },
+            ];
+          }),
         );
         const record: LoadedRecord = {
           pid,

@@ -11,6 +11,8 @@ import { readFileSync } from 'node:fs';
 export interface ServerProcess {
   pid: number;
   ppid: number;
+  /** When it started, in clock ticks since boot (/proc/<pid>/stat field 22): comparable between processes. */
+  startTicks: number;
   /** Regular files and devices it holds open (" (deleted)" removed). */
   paths: string[];
 }
@@ -59,10 +61,24 @@ export async function listServerProcesses(configPath: string): Promise<ServerPro
     const pid = Number(entry);
     if (!isServerProcess(pid, configPath)) continue;
     const ppid = parentOf(pid);
-    if (ppid === undefined) continue;
-    result.push({ pid, ppid, paths: await openPathsOf(pid) });
+    const startTicks = startTicksOf(pid);
+    if (ppid === undefined || startTicks === undefined) continue;
+    result.push({ pid, ppid, startTicks, paths: await openPathsOf(pid) });
   }
   return result;
+}
+
+/** When `pid` started, in clock ticks since boot; undefined when it is gone. */
+export function startTicksOf(pid: number): number | undefined {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    // Fields after the command name start at field 3 (state); starttime is field 22.
+    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    const ticks = Number(fields[19]);
+    return Number.isFinite(ticks) ? ticks : undefined;
+  } catch {
+    return undefined;
+  }
 }
 
 function parentOf(pid: number): number | undefined {

@@ -120,6 +120,7 @@ export class FakeNode {
         },
         connections: () => Promise.resolve(new Map()),
         disconnect: () => Promise.resolve(0),
+        staleConnections: () => Promise.resolve(new Map<string, number>()),
         status: () => ({ running: true, lastError: null }),
         onApplied: (listener) => void this.#appliedListeners.push(listener),
       },

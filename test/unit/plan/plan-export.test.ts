@@ -304,6 +304,22 @@ describe('planExport: converging', () => {
     expect(plan.requeueAfterMs).toBeGreaterThan(0);
   });
 
+  it('nbd-server: clients from before a change keep Ready=False until they leave', () => {
+    const plan = planExport({
+      resource: resource({ source: { file: { path: RAW, format: 'raw' } } }),
+      observed: rawOnNbdServer({
+        configured: fingerprintOf(rawConfig),
+        served: fingerprintOf(rawConfig),
+        staleConnections: 2,
+      }),
+      policy,
+    });
+    expect(plan.actions).toEqual([]);
+    expect(ready(plan)).toMatchObject({ status: 'False', reason: 'RestartPending' });
+    expect(ready(plan)?.message).toMatch(/2 client\(s\) connected before the last change/);
+    expect(plan.requeueAfterMs).toBeGreaterThan(0);
+  });
+
   it('a renamed export retires the old name first', () => {
     const plan = planExport({
       resource: resource({ exportName: 'new-name' }),
