@@ -7,7 +7,7 @@ import { fingerprintOf } from '../api/export-config.js';
 import { effectiveExportName } from '../api/export-name.js';
 import type { NbdExport, ServerKind } from '../api/types.js';
 import { validateSpec } from '../api/validate-spec.js';
-import type { NodePolicy } from '../plan/node-policy.js';
+import { serverFor, type NodePolicy } from '../plan/node-policy.js';
 import type {
   ConflictObservation,
   ImageObservation,
@@ -31,13 +31,10 @@ export async function observeExport(resource: NbdExport, context: ObserveContext
   const deleting = resource.metadata.deletionTimestamp !== undefined;
   const validation = validateSpec(resource.spec);
   // Who should serve it decides which /proc scans are worth making.
-  const wantsNbdServer =
-    validation.ok &&
-    (validation.spec.source.file?.format ?? 'raw') === 'raw' &&
-    policy.rawServer === 'nbd-server';
+  const server = validation.ok ? serverFor(validation.spec.source.file?.format ?? 'raw', policy) : undefined;
   const servers = await serverSnapshot(services, {
     connections: deleting,
-    stale: !deleting && wantsNbdServer,
+    stale: !deleting && server === 'nbd-server',
   });
 
   const observed: ObservedExport = {
@@ -48,7 +45,7 @@ export async function observeExport(resource: NbdExport, context: ObserveContext
   if (ledger?.exportName !== undefined && ledger.server !== undefined)
     observed.owned = servers.serving(ledger.server, ledger.exportName);
 
-  if (deleting || !validation.ok) {
+  if (deleting || !validation.ok || server === undefined) {
     const created = ledger?.createdImage;
     if (created) observed.image = await inspect(services, created.path, false);
     return observed;
@@ -56,7 +53,6 @@ export async function observeExport(resource: NbdExport, context: ObserveContext
   const spec = validation.spec;
   const file = spec.source.file;
   const format = file?.format ?? 'raw';
-  const server: ServerKind = format === 'qcow2' ? 'qemu-storage-daemon' : policy.rawServer;
   observed.desired = servers.serving(server, effectiveExportName(resource));
 
   const specPath = file?.path ?? spec.source.blockDevice?.path ?? '';

@@ -1,4 +1,4 @@
-import type { ServerKind } from '../api/types.js';
+import type { ImageFormat, ServerKind } from '../api/types.js';
 
 /** The node's own rules and addresses: flags of the controller, never from a resource. */
 export interface NodePolicy {
@@ -15,6 +15,11 @@ export interface NodePolicy {
   qemuPort: number;
   /** Who serves raw files and block devices. QCOW2 always goes to qemu-storage-daemon. */
   rawServer: ServerKind;
+}
+
+/** Who serves an image of this format (block devices are raw): QCOW2 needs a format-aware server. */
+export function serverFor(format: ImageFormat, policy: Pick<NodePolicy, 'rawServer'>): ServerKind {
+  return format === 'qcow2' ? 'qemu-storage-daemon' : policy.rawServer;
 }
 
 /** True when `path` is `root` or lies below it. Both must be real, normalised paths. */

@@ -19,7 +19,7 @@ import {
 } from '../api/types.js';
 import { validateSpec } from '../api/validate-spec.js';
 import type { Action } from './actions.js';
-import { isInsideAnyRoot, matchesDevicePattern, type NodePolicy } from './node-policy.js';
+import { isInsideAnyRoot, matchesDevicePattern, serverFor, type NodePolicy } from './node-policy.js';
 import type { ImageInfo, ObservedExport } from './observed-state.js';
 
 /** The status fields the planner decides; the reconciler adds observedGeneration and conditions. */
@@ -64,7 +64,7 @@ export function planExport({ resource, observed, policy }: PlanInput): ExportPla
   const fileSource = spec.source.file;
   const isDevice = fileSource === undefined;
   const format: ImageFormat = fileSource?.format ?? 'raw';
-  const server: ServerKind = format === 'qcow2' ? 'qemu-storage-daemon' : policy.rawServer;
+  const server = serverFor(format, policy);
   const fields: StatusFields = { exportName, server, format, uri: uriFor(policy, server, exportName) };
 
   if (observed.conflict) {
