@@ -66,10 +66,11 @@ export class Reconciler {
     let plannedGeneration: number | undefined;
     let stepsLeft = false;
 
+    // Node-wide claims, read once a run: other resources' changes queue a run of their own.
+    const claims = await this.#claims();
     for (let step = 0; step < MAX_STEPS; step++) {
       resource = this.#store.get(key);
       if (!resource) return {};
-      const claims = await this.#claims();
       const observed = await observeExport(resource, {
         services: this.#services,
         policy: this.#policy,
