@@ -1,5 +1,6 @@
 // Lint rules, including the layering the design asks for:
-//   api/ imports nothing of ours; plan/ imports only api/; node/ and kube/ never import each other;
+//   shared/ (clock, backoff, atomic files, deadlines: one definition each) and api/ import nothing
+//   of ours; plan/ imports only api/; node/ and kube/ never import each other;
 //   source/ feeds desired state and imports api/ only; controller/ glues; main.ts wires.
 import tseslint from 'typescript-eslint';
 
@@ -39,6 +40,7 @@ export default tseslint.config(
     },
   },
   { files: ['eslint.config.js', '**/*.mjs'], ...tseslint.configs.disableTypeChecked },
+  layer(['src/shared/**'], ['api', 'plan', 'node', 'kube', 'source', 'controller']),
   layer(['src/api/**'], ['plan', 'node', 'kube', 'source', 'controller']),
   layer(['src/plan/**'], ['node', 'kube', 'source', 'controller']),
   layer(['src/node/**'], ['plan', 'kube', 'source', 'controller']),

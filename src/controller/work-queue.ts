@@ -1,4 +1,5 @@
 import PQueue from 'p-queue';
+import { systemClock, type Clock } from '../shared/clock.js';
 
 /**
  * The controller's one work queue, with the semantics of client-go's rate-limited workqueue:
@@ -39,20 +40,6 @@ export function isPermanentError(error: unknown): error is PermanentError {
   return error instanceof PermanentError;
 }
 
-/** Time as the queue sees it: injected so that tests never sleep. */
-export interface Scheduler {
-  /** Milliseconds, monotonic. */
-  now(): number;
-  setTimeout(callback: () => void, ms: number): unknown;
-  clearTimeout(handle: unknown): void;
-}
-
-/** Real time. Looks the globals up on every call, so that vitest's fake timers apply. */
-export const realScheduler: Scheduler = {
-  now: () => performance.now(),
-  setTimeout: (callback, ms) => setTimeout(callback, ms),
-  clearTimeout: (handle) => clearTimeout(handle as ReturnType<typeof setTimeout>),
-};
 
 export interface BackoffOptions {
   /** Delay after the first failure. Default 500 ms. */
@@ -81,7 +68,7 @@ export interface WorkQueueOptions extends BackoffOptions {
   handler: WorkHandler;
   /** Keys run at the same time, at most. Default 4. */
   concurrency?: number;
-  scheduler?: Scheduler;
+  clock?: Clock;
   /** Source of jitter, in [0, 1). Default Math.random. */
   random?: () => number;
   /** Told about a failure that will be retried, with the delay chosen (for logs). */
@@ -121,7 +108,7 @@ interface Delayed {
 
 export class WorkQueue {
   readonly #handler: WorkHandler;
-  readonly #scheduler: Scheduler;
+  readonly #clock: Clock;
   readonly #random: () => number;
   readonly #backoff: BackoffOptions;
   readonly #onRetry: WorkQueueOptions['onRetry'];
@@ -165,7 +152,7 @@ export class WorkQueue {
       throw new TypeError(`jitter must be between 0 and 1, got ${String(options.jitter)}`);
     }
     this.#handler = options.handler;
-    this.#scheduler = options.scheduler ?? realScheduler;
+    this.#clock = options.clock ?? systemClock;
     this.#random = options.random ?? Math.random;
     this.#backoff = {
       ...(options.baseDelayMs !== undefined && { baseDelayMs: options.baseDelayMs }),
@@ -215,7 +202,7 @@ export class WorkQueue {
   }
 
   metrics(): WorkQueueMetrics {
-    const now = this.#scheduler.now();
+    const now = this.#clock.now();
     let oldest = now;
     for (const started of this.#running.values()) oldest = Math.min(oldest, started);
     return {
@@ -239,7 +226,7 @@ export class WorkQueue {
    */
   async shutdown(): Promise<void> {
     this.#shuttingDown = true;
-    for (const delayed of this.#delayed.values()) this.#scheduler.clearTimeout(delayed.handle);
+    for (const delayed of this.#delayed.values()) this.#clock.clearTimeout(delayed.handle);
     this.#delayed.clear();
     this.#pool.clear();
     this.#dirty.clear();
@@ -254,17 +241,17 @@ export class WorkQueue {
       this.add(key);
       return;
     }
-    const at = this.#scheduler.now() + ms;
+    const at = this.#clock.now() + ms;
     const pending = this.#delayed.get(key);
     if (pending !== undefined) {
       if (pending.at <= at) {
         pending.retry &&= retry;
         return;
       }
-      this.#scheduler.clearTimeout(pending.handle);
+      this.#clock.clearTimeout(pending.handle);
       retry &&= pending.retry;
     }
-    const handle = this.#scheduler.setTimeout(() => {
+    const handle = this.#clock.setTimeout(() => {
       if (this.#delayed.get(key)?.handle !== handle) return;
       this.#delayed.delete(key);
       this.add(key);
@@ -283,7 +270,7 @@ export class WorkQueue {
   async #run(key: string): Promise<void> {
     if (this.#shuttingDown || !this.#dirty.has(key)) return;
     this.#dirty.delete(key);
-    const started = this.#scheduler.now();
+    const started = this.#clock.now();
     this.#running.set(key, started);
     this.#counters.runsTotal++;
     const failures = this.failures(key);
@@ -293,7 +280,7 @@ export class WorkQueue {
     } catch (error) {
       this.#failed(key, error);
     } finally {
-      const seconds = (this.#scheduler.now() - started) / 1000;
+      const seconds = (this.#clock.now() - started) / 1000;
       this.#counters.runDurationSecondsSum += seconds;
       this.#counters.runDurationSecondsCount++;
       this.#counters.runDurationSecondsMax = Math.max(this.#counters.runDurationSecondsMax, seconds);
@@ -308,7 +295,7 @@ export class WorkQueue {
     this.forget(key);
     const pending = this.#delayed.get(key);
     if (pending?.retry) {
-      this.#scheduler.clearTimeout(pending.handle);
+      this.#clock.clearTimeout(pending.handle);
       this.#delayed.delete(key);
     }
     if (result.requeueAfterMs !== undefined) this.#addAfter(key, result.requeueAfterMs, false);

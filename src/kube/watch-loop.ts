@@ -1,5 +1,6 @@
 import type { Logger } from 'pino';
 import { KubeApiError, errorFromStatus, isKubeApiError, type KubeTransport } from './kube-client.js';
+import { systemClock, type Clock } from '../shared/clock.js';
 
 /**
  * LIST then WATCH, forever, keeping a cache of the objects the server shows us.
@@ -27,18 +28,6 @@ export interface WatchEvent<T> {
   object: T;
 }
 
-/** Time as the loop sees it; injected for tests. */
-export interface WatchClock {
-  now(): number;
-  setTimeout(callback: () => void, ms: number): unknown;
-  clearTimeout(handle: unknown): void;
-}
-
-export const realWatchClock: WatchClock = {
-  now: () => performance.now(),
-  setTimeout: (callback, ms) => setTimeout(callback, ms),
-  clearTimeout: (handle) => clearTimeout(handle as ReturnType<typeof setTimeout>),
-};
 
 export interface WatchLoopOptions<T extends WatchedObject> {
   transport: KubeTransport;
@@ -61,7 +50,7 @@ export interface WatchLoopOptions<T extends WatchedObject> {
   backoff?: { baseMs?: number; maxMs?: number; healthyAfterMs?: number };
   /** Timeout of one LIST page. Default 60 s. */
   listTimeoutMs?: number;
-  clock?: WatchClock;
+  clock?: Clock;
   random?: () => number;
 }
 
@@ -101,7 +90,7 @@ export class WatchLoop<T extends WatchedObject> {
   readonly #resyncPeriodMs: number;
   readonly #backoff: { baseMs: number; maxMs: number; healthyAfterMs: number };
   readonly #listTimeoutMs: number;
-  readonly #clock: WatchClock;
+  readonly #clock: Clock;
   readonly #random: () => number;
 
   readonly #cache = new Map<string, T>();
@@ -141,7 +130,7 @@ export class WatchLoop<T extends WatchedObject> {
       healthyAfterMs: options.backoff?.healthyAfterMs ?? 30_000,
     };
     this.#listTimeoutMs = options.listTimeoutMs ?? 60_000;
-    this.#clock = options.clock ?? realWatchClock;
+    this.#clock = options.clock ?? systemClock;
     this.#random = options.random ?? Math.random;
     const { min, max } = this.#timeoutRange;
     if (!(min >= 1 && max >= min)) throw new TypeError(`bad watchTimeoutSeconds ${min}..${max}`);

@@ -4,59 +4,11 @@ import {
   PermanentError,
   WorkQueue,
   backoffDelay,
-  type Scheduler,
   type WorkQueueOptions,
   type WorkResult,
 } from '../../../src/controller/work-queue.js';
+import { ManualClock, flushPromises as settle } from '../../support/manual-clock.js';
 
-/** Time that moves only when a test says so. */
-class ManualScheduler implements Scheduler {
-  #now = 0;
-  #next = 0;
-  readonly timers = new Map<number, { at: number; callback: () => void }>();
-
-  now(): number {
-    return this.#now;
-  }
-
-  setTimeout(callback: () => void, ms: number): unknown {
-    const id = ++this.#next;
-    this.timers.set(id, { at: this.#now + ms, callback });
-    return id;
-  }
-
-  clearTimeout(handle: unknown): void {
-    this.timers.delete(handle as number);
-  }
-
-  /** Delays of the pending timers, relative to now, in order. */
-  pending(): number[] {
-    return [...this.timers.values()].map((t) => t.at - this.#now).sort((a, b) => a - b);
-  }
-
-  /** Moves time forward, firing due timers in order and letting promises settle after each. */
-  async advance(ms: number): Promise<void> {
-    const target = this.#now + ms;
-    for (;;) {
-      let due: [number, { at: number; callback: () => void }] | undefined;
-      for (const entry of this.timers) {
-        if (entry[1].at <= target && (due === undefined || entry[1].at < due[1].at)) due = entry;
-      }
-      if (due === undefined) break;
-      this.timers.delete(due[0]);
-      this.#now = due[1].at;
-      due[1].callback();
-      await settle();
-    }
-    this.#now = target;
-    await settle();
-  }
-}
-
-/** Lets every pending promise chain run (no timers involved). */
-async function settle(): Promise<void> {
-  for (let i = 0; i < 3; i++) await new Promise<void>((resolve) => setImmediate(resolve));
-}
 
 interface Deferred {
   resolve(result?: WorkResult): void;
@@ -119,10 +71,10 @@ function controlledHandler() {
 }
 
 function makeQueue(options: Partial<WorkQueueOptions> = {}) {
-  const scheduler = new ManualScheduler();
+  const clock = new ManualClock();
   const h = controlledHandler();
-  const queue = new WorkQueue({ handler: h.handler, scheduler, random: () => 0.5, ...options });
-  return { queue, scheduler, h };
+  const queue = new WorkQueue({ handler: h.handler, clock, random: () => 0.5, ...options });
+  return { queue, clock, h };
 }
 
 describe('backoffDelay', () => {
@@ -209,21 +161,21 @@ describe('WorkQueue', () => {
 
   it('retries a failure with exponential backoff and resets it on success', async () => {
     const retries: number[] = [];
-    const { queue, scheduler, h } = makeQueue({ onRetry: (_key, _error, delay) => retries.push(delay) });
+    const { queue, clock, h } = makeQueue({ onRetry: (_key, _error, delay) => retries.push(delay) });
     queue.add('a');
     await settle();
     await h.fail('a');
-    expect(scheduler.pending()).toEqual([500]);
-    await scheduler.advance(499);
+    expect(clock.pending()).toEqual([500]);
+    await clock.advance(499);
     expect(h.started).toHaveLength(1);
-    await scheduler.advance(1);
+    await clock.advance(1);
     expect(h.started).toHaveLength(2);
     await h.fail('a');
-    await scheduler.advance(1000);
+    await clock.advance(1000);
     await h.fail('a');
     expect(queue.failures('a')).toBe(3);
     expect(retries).toEqual([500, 1000, 2000]);
-    await scheduler.advance(2000);
+    await clock.advance(2000);
     await h.succeed('a');
     expect(queue.failures('a')).toBe(0);
     queue.add('a');
@@ -234,54 +186,54 @@ describe('WorkQueue', () => {
   });
 
   it('drops a pending retry once the key succeeds', async () => {
-    const { queue, scheduler, h } = makeQueue();
+    const { queue, clock, h } = makeQueue();
     queue.add('a');
     await settle();
     await h.fail('a');
     queue.add('a'); // an event arrives during the backoff
     await settle();
     await h.succeed('a');
-    expect(scheduler.pending()).toEqual([]);
-    await scheduler.advance(10_000);
+    expect(clock.pending()).toEqual([]);
+    await clock.advance(10_000);
     expect(h.started).toHaveLength(2);
   });
 
   it('requeues after the delay a result asks for, without counting a failure', async () => {
-    const { queue, scheduler, h } = makeQueue();
+    const { queue, clock, h } = makeQueue();
     queue.add('a');
     await settle();
     await h.succeed('a', { requeueAfterMs: 30_000 });
-    expect(scheduler.pending()).toEqual([30_000]);
-    await scheduler.advance(30_000);
+    expect(clock.pending()).toEqual([30_000]);
+    await clock.advance(30_000);
     expect(h.started).toEqual(['a', 'a']);
     expect(queue.failures('a')).toBe(0);
   });
 
   it('reports a permanent error and does not retry it', async () => {
     const permanent: [string, string][] = [];
-    const { queue, scheduler, h } = makeQueue({
+    const { queue, clock, h } = makeQueue({
       onPermanentError: (key, error) => permanent.push([key, error.message]),
     });
     queue.add('a');
     await settle();
     await h.fail('a', new PermanentError('invalid spec'));
     expect(permanent).toEqual([['a', 'invalid spec']]);
-    expect(scheduler.pending()).toEqual([]);
-    await scheduler.advance(600_000);
+    expect(clock.pending()).toEqual([]);
+    await clock.advance(600_000);
     expect(h.started).toEqual(['a']);
     expect(queue.metrics().permanentFailuresTotal).toBe(1);
   });
 
   it('keeps the earliest of several delays for one key', async () => {
-    const { queue, scheduler, h } = makeQueue();
+    const { queue, clock, h } = makeQueue();
     queue.addAfter('a', 5000);
     queue.addAfter('a', 1000);
     queue.addAfter('a', 3000);
-    expect(scheduler.pending()).toEqual([1000]);
-    await scheduler.advance(1000);
+    expect(clock.pending()).toEqual([1000]);
+    await clock.advance(1000);
     expect(h.started).toEqual(['a']);
     await h.succeed('a');
-    await scheduler.advance(10_000);
+    await clock.advance(10_000);
     expect(h.started).toEqual(['a']);
   });
 
@@ -293,7 +245,7 @@ describe('WorkQueue', () => {
   });
 
   it('shutdown waits for runs in flight, drops the rest and ignores later adds', async () => {
-    const { queue, scheduler, h } = makeQueue({ concurrency: 1 });
+    const { queue, clock, h } = makeQueue({ concurrency: 1 });
     queue.add('a');
     queue.add('b');
     queue.addAfter('c', 1000);
@@ -306,9 +258,9 @@ describe('WorkQueue', () => {
     await h.fail('a');
     await shutdown;
     expect(done).toBe(true);
-    await scheduler.advance(600_000);
+    await clock.advance(600_000);
     expect(h.started).toEqual(['a']);
-    expect(scheduler.pending()).toEqual([]);
+    expect(clock.pending()).toEqual([]);
   });
 
   it('gives handlers a signal aborted at shutdown', async () => {
@@ -318,7 +270,7 @@ describe('WorkQueue', () => {
         signal = context.signal;
         await new Promise((resolve) => context.signal.addEventListener('abort', resolve));
       },
-      scheduler: new ManualScheduler(),
+      clock: new ManualClock(),
     });
     queue.add('a');
     await settle();
@@ -327,11 +279,11 @@ describe('WorkQueue', () => {
   });
 
   it('counts what it does', async () => {
-    const { queue, scheduler, h } = makeQueue();
+    const { queue, clock, h } = makeQueue();
     queue.add('a');
     queue.add('b');
     await settle();
-    await scheduler.advance(2000);
+    await clock.advance(2000);
     expect(queue.metrics()).toMatchObject({ inFlight: 2, depth: 0, longestRunningSeconds: 2 });
     await h.succeed('a');
     await h.fail('b');
@@ -352,7 +304,7 @@ describe('WorkQueue', () => {
   });
 
   it('survives callbacks that throw', async () => {
-    const { queue, scheduler, h } = makeQueue({
+    const { queue, clock, h } = makeQueue({
       onRetry: () => {
         throw new Error('bad logger');
       },
@@ -360,7 +312,7 @@ describe('WorkQueue', () => {
     queue.add('a');
     await settle();
     await h.fail('a');
-    await scheduler.advance(500);
+    await clock.advance(500);
     expect(h.started).toEqual(['a', 'a']);
   });
 });
@@ -390,7 +342,7 @@ describe('WorkQueue property', () => {
         fc.array(op, { maxLength: 60 }),
         fc.integer({ min: 1, max: 3 }),
         async (ops, concurrency) => {
-          const scheduler = new ManualScheduler();
+          const clock = new ManualClock();
           let seq = 0;
           const lastAdd = new Map<string, number>();
           const lastStart = new Map<string, number>();
@@ -399,7 +351,7 @@ describe('WorkQueue property', () => {
           let autoSucceed = false;
           const queue = new WorkQueue({
             concurrency,
-            scheduler,
+            clock,
             baseDelayMs: 100,
             maxDelayMs: 2000,
             handler: (k) => {
@@ -428,7 +380,7 @@ describe('WorkQueue property', () => {
             } else if (o.t === 'end') {
               end(o.key, o.outcome);
             } else {
-              await scheduler.advance(o.ms);
+              await clock.advance(o.ms);
             }
             await settle();
           }
@@ -436,12 +388,12 @@ describe('WorkQueue property', () => {
           autoSucceed = true;
           for (
             let round = 0;
-            round < 20 && (open.size > 0 || scheduler.timers.size > 0 || queue.inFlight > 0);
+            round < 20 && (open.size > 0 || clock.pending().length > 0 || queue.inFlight > 0);
             round++
           ) {
             for (const k of [...open.keys()]) end(k, 'ok');
             await settle();
-            await scheduler.advance(10_000);
+            await clock.advance(10_000);
           }
           await queue.drain();
           expect(overlap).toBe(false);
