@@ -6,7 +6,7 @@
  */
 import { mkdir, readdir, readFile, rm } from 'node:fs/promises';
 import { join } from 'node:path';
-import { removeTemporaryFiles, writeFileAtomic } from './atomic-file.js';
+import { removeTemporaryFiles, writeFileAtomic } from '../shared/atomic-file.js';
 
 export interface OwnershipRecord {
   uid: string;

@@ -6,7 +6,7 @@
 import { mkdir, readdir, readFile, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { ExportConfig } from '../../api/export-config.js';
-import { removeTemporaryFiles, syncDirectory, writeFileAtomic } from '../atomic-file.js';
+import { removeTemporaryFiles, syncDirectory, writeFileAtomic } from '../../shared/atomic-file.js';
 import { authFileNameOf, confFileNameOf } from './conf-file-name.js';
 import { isOurs, parseConfHeader, renderExportFiles, type ConfHeader } from './render-export-config.js';
 

@@ -10,7 +10,7 @@
  * no nbd-server process holds its path open any more.
  */
 import { readFile } from 'node:fs/promises';
-import { writeFileAtomic } from '../atomic-file.js';
+import { writeFileAtomic } from '../../shared/atomic-file.js';
 
 export interface LoadedExport {
   fingerprint: string;

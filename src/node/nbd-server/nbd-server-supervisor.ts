@@ -18,7 +18,7 @@ import { join, resolve } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { Logger } from 'pino';
 import type { ExportConfig } from '../../api/export-config.js';
-import { removeTemporaryFiles, writeFileAtomic } from '../atomic-file.js';
+import { removeTemporaryFiles, writeFileAtomic } from '../../shared/atomic-file.js';
 import { ApplyScheduler } from './apply-scheduler.js';
 import { ConfDir, type ConfiguredExport } from './conf-dir.js';
 import { NbdServerError } from './nbd-server-error.js';

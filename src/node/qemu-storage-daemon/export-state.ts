@@ -8,7 +8,7 @@
 import { createHash } from 'node:crypto';
 import { readFile } from 'node:fs/promises';
 import type { ExportConfig } from '../../api/export-config.js';
-import { writeFileAtomic } from '../atomic-file.js';
+import { writeFileAtomic } from '../../shared/atomic-file.js';
 
 /** Every id and node name this controller gives QEMU starts with it; nothing else is touched. */
 export const ID_PREFIX = 'nbdx-';

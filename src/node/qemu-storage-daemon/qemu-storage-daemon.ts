@@ -25,7 +25,7 @@ import {
   type ExportRecord,
 } from './export-state.js';
 import { QmpClient, QmpError } from './qmp-client.js';
-import { removeTemporaryFiles } from '../atomic-file.js';
+import { removeTemporaryFiles } from '../../shared/atomic-file.js';
 
 export interface QemuStorageDaemonOptions {
   /** The controller's state directory; the daemon's files go to `<stateDir>/qemu-storage-daemon/`. */

@@ -1,6 +1,6 @@
 import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
-import { isTemporaryName } from '../../../../src/node/atomic-file.js';
+import { isTemporaryName } from '../../../../src/shared/atomic-file.js';
 import {
   authFileNameOf,
   confFileNameOf,
