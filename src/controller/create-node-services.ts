@@ -55,9 +55,8 @@ export async function createNodeServices(options: NodeServicesOptions): Promise<
       inspect: (path, { forceShare, format }) =>
         inspectImage(path, { forceShare, ...(format ? { format } : {}) }),
       probeLock: probeImageLock,
-      async create(request) {
-        await createImage(request);
-        return { inode: (await stat(request.path)).ino };
+      async create(request, beforePublish) {
+        await createImage(request, { beforePublish });
       },
       async makeParentDirectories(path) {
         await mkdir(dirname(path), { recursive: true, mode: 0o750 });

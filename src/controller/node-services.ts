@@ -37,8 +37,11 @@ export interface ImageTools {
   /** `format: 'raw'` never lets qemu-img guess; a QCOW2 header is still reported as qcow2. */
   inspect(path: string, options: { forceShare: boolean; format?: 'raw' | undefined }): Promise<ImageInfo>;
   probeLock(path: string): Promise<LockObservation>;
-  /** Creates without ever overwriting; returns the new file's inode for the ledger. */
-  create(request: CreateImageRequest): Promise<{ inode: number }>;
+  /**
+   * Creates without ever overwriting. `beforePublish` receives the new file's inode before
+   * the file appears at its path, so that the ledger can record it first.
+   */
+  create(request: CreateImageRequest, beforePublish: (inode: number) => Promise<void>): Promise<void>;
   makeParentDirectories(path: string): Promise<void>;
   /** Deletes only the very file that was created (same inode, when one was recorded). */
   remove(path: string, inode: number | undefined): Promise<'deleted' | 'replaced' | 'missing'>;

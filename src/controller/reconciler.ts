@@ -192,15 +192,19 @@ export class Reconciler {
               ),
             10_000,
           );
-          let inode: number;
           try {
-            ({ inode } = await images.create(request).finally(() => clearInterval(progress)));
+            // The inode is recorded before the image appears at its path: a controller killed
+            // right after publishing still knows the file as its own (else Delete never removes it).
+            await images
+              .create(request, (inode) =>
+                ledger.record(uid, key, { createdImage: { path: action.path, inode } }).then(() => undefined),
+              )
+              .finally(() => clearInterval(progress));
           } catch (error) {
             // Nothing of ours is at the path (an existing file is never overwritten): forget the intent.
             await ledger.forgetCreatedImage(uid);
             throw error;
           }
-          await ledger.record(uid, key, { createdImage: { path: action.path, inode } });
           log.info({ path: action.path, ms: Date.now() - started }, 'image created');
           await this.#event(
             key,

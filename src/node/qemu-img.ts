@@ -73,10 +73,20 @@ export interface QemuImgOptions {
   procLocksPath?: string;
 }
 
+export interface CreateImageHooks {
+  /**
+   * Called with the new image's inode after it is complete under its temporary name and
+   * before it is published at `path`. link(2) keeps the inode, so a caller that records it
+   * here can prove the published file its own even if it dies right after publishing.
+   */
+  beforePublish?: (inode: number) => Promise<void>;
+}
+
 export interface QemuImg {
   inspectImage(path: string, options?: InspectOptions): Promise<ImageInfo>;
   probeImageLock(path: string): Promise<LockProbe>;
-  createImage(request: CreateImageRequest): Promise<void>;
+  /** Resolves to the published image's inode. */
+  createImage(request: CreateImageRequest, hooks?: CreateImageHooks): Promise<number>;
 }
 
 const QCOW2_MAGIC = Buffer.from([0x51, 0x46, 0x49, 0xfb]); // "QFI\xfb"
@@ -150,7 +160,7 @@ export function createQemuImg(options: QemuImgOptions = {}): QemuImg {
     };
   }
 
-  async function createImage(request: CreateImageRequest): Promise<void> {
+  async function createImage(request: CreateImageRequest, hooks: CreateImageHooks = {}): Promise<number> {
     checkCreateRequest(request);
     const { path, format, backingFile } = request;
     let backingFormat = request.backingFormat;
@@ -177,6 +187,8 @@ export function createQemuImg(options: QemuImgOptions = {}): QemuImg {
     try {
       await qemuImg(args);
       await fsyncPath(temporary, 'r');
+      const { ino } = await stat(temporary);
+      await hooks.beforePublish?.(ino);
       try {
         await link(temporary, path);
       } catch (error) {
@@ -184,6 +196,7 @@ export function createQemuImg(options: QemuImgOptions = {}): QemuImg {
           throw new ImageExistsError(path, { cause: error });
         throw error;
       }
+      return ino;
     } finally {
       await unlink(temporary).catch((error: unknown) => {
         if ((error as NodeJS.ErrnoException).code !== 'ENOENT') throw error;
@@ -212,8 +225,8 @@ export function probeImageLock(path: string): Promise<LockProbe> {
  * link(2), which fails rather than replace an existing file (ImageExistsError). A failure
  * leaves nothing behind but, after a crash, a temporary that removeStaleTemporaryImages finds.
  */
-export function createImage(request: CreateImageRequest): Promise<void> {
-  return defaultQemuImg.createImage(request);
+export function createImage(request: CreateImageRequest, hooks?: CreateImageHooks): Promise<number> {
+  return defaultQemuImg.createImage(request, hooks);
 }
 
 /** Whether a file name is one of createImage's temporaries. */

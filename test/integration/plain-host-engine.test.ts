@@ -8,7 +8,8 @@ import { execa } from 'execa';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { exportSize, isServed, nbdcopy, sha256File, writeRandomFile, HeldTransfer } from '../support/nbd.js';
 import { waitFor } from '../support/poll.js';
-import { probeImageLock } from '../../src/node/qemu-img.js';
+import { holdsQemuWriteLock, probeImageLock } from '../../src/node/qemu-img.js';
+import { processState } from '../../src/node/nbd-server/server-processes.js';
 import { nbdExport, PlainHostNode } from './harness/plain-host-controller.js';
 
 const MiB = 1024 * 1024;
@@ -225,35 +226,34 @@ describe('plain-host engine', () => {
   it('a foreign QEMU writer holding the image gives ImageInUse, and the export follows once it lets go', async () => {
     const path = join(node.images, 'locked.qcow2');
     await qemuImg('create', '-f', 'qcow2', path, '8M');
-    const foreign = execa(
-      'qemu-nbd',
-      [
-        '--persistent',
-        '-f',
-        'qcow2',
-        '-b',
-        '127.0.0.1',
-        '-p',
-        '0',
-        '-k',
-        join(node.root, 'foreign.sock'),
-        path,
-      ],
-      {
-        reject: false,
-      },
-    );
-    await waitFor('the foreign writer to hold the lock', async () => {
-      const r = await execa('qemu-img', ['info', path], { reject: false });
-      return r.exitCode !== 0 && /lock/i.test(String(r.stderr)) ? true : undefined;
-    });
-    await node.writeExports('locked.yaml', [
-      nbdExport('locked', { source: { file: { path, format: 'qcow2' } } }),
+    // --fork: qemu-nbd returns only once it has opened the image and holds its locks. Polling
+    // with `qemu-img info` instead raced the writer's start: qemu-img's momentary shared lock
+    // made a starting qemu-nbd fail to get "write" and exit (the test's own flake, twice).
+    const pidFile = join(node.root, 'foreign.pid');
+    await execa('qemu-nbd', [
+      '--fork',
+      '--persistent',
+      `--pid-file=${pidFile}`,
+      '-f',
+      'qcow2',
+      '-k',
+      join(node.root, 'foreign.sock'),
+      path,
     ]);
-    const locked = await node.waitForReady('locked', 'False', 'ImageInUse');
-    expect(locked.status?.conditions?.[0]?.message).toMatch(/lock/);
-    foreign.kill('SIGTERM');
-    await foreign;
+    const foreignPid = Number((await readFile(pidFile, 'utf8')).trim());
+    try {
+      expect(await holdsQemuWriteLock(path)).toBe(true);
+      await node.writeExports('locked.yaml', [
+        nbdExport('locked', { source: { file: { path, format: 'qcow2' } } }),
+      ]);
+      const locked = await node.waitForReady('locked', 'False', 'ImageInUse');
+      expect(locked.status?.conditions?.[0]?.message).toMatch(/lock/);
+    } finally {
+      process.kill(foreignPid, 'SIGTERM');
+      await waitFor('the foreign writer to exit', () =>
+        processState(foreignPid) !== 'running' ? true : undefined,
+      );
+    }
     await node.waitForReady('locked', 'True', undefined, 120_000);
     await node.removeExports('locked.yaml');
     await node.waitForGone('locked');

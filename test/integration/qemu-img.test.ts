@@ -110,6 +110,25 @@ describe('createImage', () => {
     expect((await inspectImage(falloc)).actualSize).toBeGreaterThanOrEqual(32 * MiB);
   });
 
+  it('hands over the inode before the image appears at its path: the published file keeps it', async () => {
+    const path = join(dir, 'published.raw');
+    let seen: { inode: number; existedYet: boolean } | undefined;
+    const inode = await createImage(
+      { path, format: 'raw', sizeBytes: MiB },
+      {
+        beforePublish: async (ino) => {
+          const existedYet = await stat(path).then(
+            () => true,
+            () => false,
+          );
+          seen = { inode: ino, existedYet };
+        },
+      },
+    );
+    expect(seen).toEqual({ inode, existedYet: false });
+    expect((await stat(path)).ino).toBe(inode);
+  });
+
   it('never overwrites an existing file, and leaves no temporary behind', async () => {
     const path = join(dir, 'precious.qcow2');
     await writeFile(path, 'not an image, but precious data\n');

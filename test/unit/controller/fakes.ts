@@ -158,15 +158,15 @@ export class FakeNode {
           const message = this.locks.get(path);
           return Promise.resolve(message ? { locked: true, message } : { locked: false });
         },
-        create: (request) => {
+        create: async (request, beforePublish) => {
           this.created.push(request);
+          await beforePublish(this.created.length);
           this.files.set(request.path, {
             format: request.format,
             virtualSize: request.sizeBytes ?? this.files.get(request.backingFile ?? '')?.virtualSize ?? 0,
             actualSize: 196608,
             backingChain: request.backingFile ? [request.backingFile] : [],
           });
-          return Promise.resolve({ inode: this.created.length });
         },
         makeParentDirectories: () => Promise.resolve(),
         remove: (path) => Promise.resolve(this.files.delete(path) ? 'deleted' : 'missing'),
