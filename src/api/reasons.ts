@@ -39,6 +39,8 @@ export const Reason = {
   ProbeFailed: 'ProbeFailed',
   Probing: 'Probing',
   WaitingForImage: 'WaitingForImage',
+  // an executor failed for a reason not named above (a state write, the API server)
+  ReconcileFailed: 'ReconcileFailed',
   // lifecycle
   Deleting: 'Deleting',
   Reconciling: 'Reconciling',
@@ -56,4 +58,6 @@ export const EventReason = {
   ExportRemoved: 'ExportRemoved',
   ImageDeleted: 'ImageDeleted',
   ImageRetained: 'ImageRetained',
+  /** An action on the node failed; the message has the cause. */
+  Failed: 'Failed',
 } as const;

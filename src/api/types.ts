@@ -113,3 +113,11 @@ export type ResourceKey = string;
 export function keyOf(meta: Pick<ObjectMeta, 'namespace' | 'name'>): ResourceKey {
   return `${meta.namespace}/${meta.name}`;
 }
+
+/** A Kubernetes-style event about one resource, for a person to notice. */
+export interface ExportEvent {
+  type: 'Normal' | 'Warning';
+  /** UpperCamelCase, from the named constants in src/api/reasons.ts. */
+  reason: string;
+  message: string;
+}

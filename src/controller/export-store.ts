@@ -1,12 +1,6 @@
-import type { NbdExport, NbdExportStatus, ResourceKey } from '../api/types.js';
+import type { ExportEvent, NbdExport, NbdExportStatus, ResourceKey } from '../api/types.js';
 
-/** A Kubernetes-style event about one resource, for a person to notice. */
-export interface ExportEvent {
-  type: 'Normal' | 'Warning';
-  /** UpperCamelCase, from the named constants in src/api/reasons.ts. */
-  reason: string;
-  message: string;
-}
+export type { ExportEvent };
 
 /**
  * Where desired state comes from and where status goes: the Kubernetes API (src/kube/)

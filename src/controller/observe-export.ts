@@ -4,10 +4,8 @@
  * that does not validate, no lock probe for an image our own qemu-storage-daemon holds).
  */
 import { fingerprintOf } from '../api/export-config.js';
-import { effectiveExportName } from '../api/export-name.js';
 import type { NbdExport, ServerKind } from '../api/types.js';
-import { validateSpec } from '../api/validate-spec.js';
-import { serverFor, type NodePolicy } from '../plan/node-policy.js';
+import type { DesiredExport, InvalidExport } from '../plan/desired-export.js';
 import type {
   ConflictObservation,
   ImageObservation,
@@ -19,19 +17,21 @@ import type { NodeServices } from './node-services.js';
 
 export interface ObserveContext {
   services: NodeServices;
-  policy: NodePolicy;
   conflict: ConflictObservation | undefined;
   probe: ProbeObservation | undefined;
 }
 
-export async function observeExport(resource: NbdExport, context: ObserveContext): Promise<ObservedExport> {
-  const { services, policy } = context;
+export async function observeExport(
+  resource: NbdExport,
+  desired: DesiredExport | InvalidExport,
+  context: ObserveContext,
+): Promise<ObservedExport> {
+  const { services } = context;
   const uid = resource.metadata.uid ?? '';
   const ledger = services.ledger.get(uid);
   const deleting = resource.metadata.deletionTimestamp !== undefined;
-  const validation = validateSpec(resource.spec);
   // Who should serve it decides which /proc scans are worth making.
-  const server = validation.ok ? serverFor(validation.spec.source.file?.format ?? 'raw', policy) : undefined;
+  const server = desired.ok ? desired.server : undefined;
   const servers = await serverSnapshot(services, {
     connections: deleting,
     stale: !deleting && server === 'nbd-server',
@@ -45,27 +45,23 @@ export async function observeExport(resource: NbdExport, context: ObserveContext
   if (ledger?.exportName !== undefined && ledger.server !== undefined)
     observed.owned = servers.serving(ledger.server, ledger.exportName);
 
-  if (deleting || !validation.ok || server === undefined) {
+  if (deleting || !desired.ok || server === undefined) {
     const created = ledger?.createdImage;
     if (created) observed.image = await inspect(services, created.path, false);
     return observed;
   }
-  const spec = validation.spec;
-  const file = spec.source.file;
-  const format = file?.format ?? 'raw';
-  observed.desired = servers.serving(server, effectiveExportName(resource));
+  observed.desired = servers.serving(server, desired.exportName);
 
-  const specPath = file?.path ?? spec.source.blockDevice?.path ?? '';
-  const path = await services.resolvePath(specPath);
+  const path = await services.resolvePath(desired.specPath);
   observed.path = path;
   if (path.kind === 'resolved' && path.exists) {
-    observed.image = await inspect(services, path.realPath, format === 'raw');
+    observed.image = await inspect(services, path.realPath, desired.format === 'raw');
     const heldByUs = servers.qemuPaths.has(path.realPath);
     if (!heldByUs && observed.image.kind === 'present')
       observed.lock = await services.images.probeLock(path.realPath);
   } else if (path.kind === 'resolved') {
     observed.image = { kind: 'missing' };
-    const backingFile = file?.create?.backingFile;
+    const backingFile = desired.createBackingFile;
     if (backingFile !== undefined) {
       const backingPath = await services.resolvePath(backingFile);
       observed.backingPath = backingPath;

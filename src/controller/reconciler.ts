@@ -1,23 +1,26 @@
-/**
- * Glue only: observe → plan → execute, until the plan has nothing left to do, then
- * write status. Every decision is the planner's; every effect is an executor's.
- * Level-triggered: a run starts from what is, not from the event that caused it.
- */
 import type { Logger } from 'pino';
-import { setConditions, findCondition } from '../api/conditions.js';
-import { effectiveExportName } from '../api/export-name.js';
-import { EventReason, Reason } from '../api/reasons.js';
-import { keyOf, type NbdExport, type NbdExportStatus, type ResourceKey } from '../api/types.js';
-import { validateSpec } from '../api/validate-spec.js';
+import { setConditions } from '../api/conditions.js';
+import { EventReason } from '../api/reasons.js';
+import {
+  keyOf,
+  type ExportEvent,
+  type NbdExport,
+  type NbdExportStatus,
+  type ResourceKey,
+} from '../api/types.js';
 import type { Action } from '../plan/actions.js';
 import { decideConflicts, type Claim } from '../plan/conflicts.js';
+import { desiredExportOf } from '../plan/desired-export.js';
 import type { NodePolicy } from '../plan/node-policy.js';
-import type { LockObservation, ProbeObservation } from '../plan/observed-state.js';
-import { planExport, RETRY_SOON_MS, type ExportPlan } from '../plan/plan-export.js';
+import type { ObservedExport, ProbeObservation } from '../plan/observed-state.js';
+import { planExport, type ExportPlan } from '../plan/plan-export.js';
+import { ExportBusyError, ImageLockedError } from '../node/qemu-storage-daemon/errors.js';
+import { systemClock, type Clock } from '../shared/clock.js';
+import { errorMessage, isPermanentFailure } from './failure.js';
 import type { ExportStore } from './export-store.js';
 import type { NodeServices } from './node-services.js';
 import { observeExport } from './observe-export.js';
-import type { WorkResult } from './work-queue.js';
+import { PermanentError, type WorkResult } from './work-queue.js';
 
 export interface ReconcilerOptions {
   store: ExportStore;
@@ -25,83 +28,83 @@ export interface ReconcilerOptions {
   policy: NodePolicy;
   logger: Logger;
   /** Injected so that tests control time. Default: the real clock. */
-  now?: () => Date;
-  /** A successful probe is trusted this long before the next resync probes again. Default 60 s. */
-  probeTtlMs?: number;
+  clock?: Clock;
 }
 
 /** Steps one run may take before it yields (a plan needing more is requeued at once). */
 const MAX_STEPS = 12;
+
+/** What the executors learned in this run, handed to the next step's plan as observations. */
+type Learned = Pick<ObservedExport, 'lock' | 'removalBlocked' | 'executionFailure'>;
+
+type StepOutcome = { kind: 'progress' | 'waiting' | 'gone' } | { kind: 'learned'; learned: Learned };
 
 export class Reconciler {
   readonly #store: ExportStore;
   readonly #services: NodeServices;
   readonly #policy: NodePolicy;
   readonly #logger: Logger;
-  readonly #now: () => Date;
-  readonly #probeTtlMs: number;
-  readonly #probes = new Map<ResourceKey, ProbeObservation & { at: number }>();
+  readonly #clock: Clock;
+  /** The last NBD handshake per resource, with the time it was made. */
+  readonly #probes = new Map<ResourceKey, Omit<ProbeObservation, 'ageMs'> & { at: number }>();
 
   constructor(options: ReconcilerOptions) {
     this.#store = options.store;
     this.#services = options.services;
     this.#policy = options.policy;
     this.#logger = options.logger;
-    this.#now = options.now ?? (() => new Date());
-    this.#probeTtlMs = options.probeTtlMs ?? 60_000;
+    this.#clock = options.clock ?? systemClock;
   }
 
   async reconcile(key: ResourceKey): Promise<WorkResult> {
     const log = this.#logger.child({ key });
-    let resource = this.#store.get(key);
-    if (!resource) {
+    if (!this.#store.get(key)) {
       this.#probes.delete(key);
       return {};
     }
-    const wasReady = findCondition(resource.status?.conditions, 'Ready')?.status === 'True';
-    let lockOverride: LockObservation | undefined;
-    let busyMessage: string | undefined;
-    let plan: ExportPlan | undefined;
+    let learned: Learned = {};
+    let plan: ReturnType<typeof planExport> | undefined;
     /** The generation the last plan was made from: status must not claim a newer one. */
     let plannedGeneration: number | undefined;
     let stepsLeft = false;
 
     // Node-wide claims, read once a run: other resources' changes queue a run of their own.
     const claims = await this.#claims();
+    const conflicts = decideConflicts(claims);
     for (let step = 0; step < MAX_STEPS; step++) {
-      resource = this.#store.get(key);
+      const resource = this.#store.get(key);
       if (!resource) return {};
-      const observed = await observeExport(resource, {
+      const desired = desiredExportOf(resource, this.#policy);
+      const seen = await observeExport(resource, desired, {
         services: this.#services,
-        policy: this.#policy,
-        conflict: decideConflicts(claims).get(key),
-        probe: this.#freshProbe(key),
+        conflict: conflicts.get(key),
+        probe: this.#probeOf(key),
       });
-      if (lockOverride) observed.lock = lockOverride;
-      const created = observed.ledger?.createdImage;
-      if (created) {
-        const usedBy = claims.filter((c) => c.key !== key && c.realPath === created.path).map((c) => c.key);
-        if (usedBy.length > 0) observed.createdImageUsedBy = usedBy;
-      }
-      plan = planExport({ resource, observed, policy: this.#policy });
+      const observed: ObservedExport = {
+        ...seen,
+        ...learned,
+        ...claimsAround(key, claims, seen.ledger?.createdImage?.path),
+      };
+      plan = planExport({ resource, desired, observed, policy: this.#policy });
       plannedGeneration = resource.metadata.generation;
-      if (busyMessage !== undefined) break;
       if (plan.actions.length === 0) break;
       stepsLeft = step === MAX_STEPS - 1;
       log.debug({ actions: plan.actions.map((a) => a.kind) }, 'executing plan');
 
       const outcome = await this.#execute(resource, plan.actions, log);
       if (outcome.kind === 'gone') return {};
-      if (outcome.kind === 'lock') lockOverride = { locked: true, message: outcome.message };
-      if (outcome.kind === 'busy') busyMessage = outcome.message;
+      if (outcome.kind === 'learned') learned = { ...learned, ...outcome.learned };
       if (outcome.kind === 'waiting') break;
     }
     if (!plan) return {};
-    if (busyMessage !== undefined) plan = busyPlan(plan, busyMessage);
 
     const current = this.#store.get(key);
     if (!current) return {};
-    await this.#writeStatus(current, plannedGeneration, plan, wasReady, log);
+    await this.#writeStatus(current, plannedGeneration, plan);
+    for (const event of plan.events) await this.#event(key, event.type, event.reason, event.message);
+    // Status says what failed; the queue decides when to try again (or, if permanent, not to).
+    if (plan.failed)
+      throw plan.failed.permanent ? new PermanentError(plan.failed.message) : new Error(plan.failed.message);
     // A plan that needed more steps than one run takes continues at once.
     if (stepsLeft) return { requeueAfterMs: 1 };
     return plan.requeueAfterMs === undefined ? {} : { requeueAfterMs: plan.requeueAfterMs };
@@ -115,42 +118,52 @@ export class Reconciler {
   async #claims(): Promise<Claim[]> {
     const claims = await Promise.all(
       this.#store.list().map(async (other): Promise<Claim | undefined> => {
-        const validation = validateSpec(other.spec);
-        if (!validation.ok) return undefined;
-        const source = validation.spec.source;
-        const specPath = source.file?.path ?? source.blockDevice?.path ?? '';
-        const resolved = await this.#services.resolvePath(specPath);
+        const desired = desiredExportOf(other, this.#policy);
+        if (!desired.ok) return undefined;
+        const resolved = await this.#services.resolvePath(desired.specPath);
         return {
           key: keyOf(other.metadata),
           uid: other.metadata.uid ?? '',
           creationTimestamp: other.metadata.creationTimestamp ?? '',
-          exportName: effectiveExportName(other),
-          realPath: resolved.kind === 'resolved' ? resolved.realPath : specPath,
-          writable: !(validation.spec.readOnly ?? false),
+          exportName: desired.exportName,
+          realPath: resolved.kind === 'resolved' ? resolved.realPath : desired.specPath,
+          writable: !desired.readOnly,
         };
       }),
     );
     return claims.filter((c) => c !== undefined);
   }
 
-  #freshProbe(key: ResourceKey): ProbeObservation | undefined {
+  #probeOf(key: ResourceKey): ProbeObservation | undefined {
     const probe = this.#probes.get(key);
     if (!probe) return undefined;
-    const ttl = probe.ok ? this.#probeTtlMs : 2_000;
-    return Date.now() - probe.at < ttl ? probe : undefined;
+    const { at, ...result } = probe;
+    return { ...result, ageMs: this.#clock.now() - at };
   }
 
-  async #execute(
-    resource: NbdExport,
-    actions: Action[],
-    log: Logger,
-  ): Promise<{ kind: 'progress' | 'waiting' | 'gone' } | { kind: 'lock' | 'busy'; message: string }> {
-    const key = keyOf(resource.metadata);
-    const uid = resource.metadata.uid ?? '';
-    const { ledger, nbdServer, qemu, images } = this.#services;
+  /**
+   * Runs the plan's actions in order. An action that throws ends the step: what it means
+   * (a foreign lock, a connected client, a failure with its cause) goes back to the planner
+   * as an observation, and the planner decides the status.
+   */
+  async #execute(resource: NbdExport, actions: Action[], log: Logger): Promise<StepOutcome> {
     let onlyWaiting = true;
     for (const action of actions) {
       if (action.kind !== 'applyNbdServer') onlyWaiting = false;
+      try {
+        if ((await this.#act(resource, action, log)) === 'gone') return { kind: 'gone' };
+      } catch (error) {
+        return { kind: 'learned', learned: learnedFrom(action, error, log) };
+      }
+    }
+    return { kind: onlyWaiting ? 'waiting' : 'progress' };
+  }
+
+  async #act(resource: NbdExport, action: Action, log: Logger): Promise<'gone' | undefined> {
+    const key = keyOf(resource.metadata);
+    const uid = resource.metadata.uid ?? '';
+    const { ledger, nbdServer, qemu, images } = this.#services;
+    {
       switch (action.kind) {
         case 'addFinalizer':
           await this.#store.addFinalizer(key);
@@ -159,7 +172,7 @@ export class Reconciler {
           await this.#store.removeFinalizer(key);
           this.#probes.delete(key);
           log.info('cleanup finished; finalizer removed');
-          return { kind: 'gone' };
+          return 'gone';
         case 'recordOwnership':
           await ledger.record(uid, key, { createdImage: action.createdImage });
           break;
@@ -181,13 +194,13 @@ export class Reconciler {
           break;
         case 'createImage': {
           const { kind: _, ...request } = action;
-          const started = Date.now();
+          const started = this.#clock.now();
           log.info({ path: action.path, format: action.format }, 'creating image');
           // Preallocating a large image takes minutes: say that it is still going.
           const progress = setInterval(
             () =>
               log.info(
-                { path: action.path, seconds: Math.round((Date.now() - started) / 1000) },
+                { path: action.path, seconds: Math.round((this.#clock.now() - started) / 1000) },
                 'still creating image',
               ),
             10_000,
@@ -205,7 +218,7 @@ export class Reconciler {
             await ledger.forgetCreatedImage(uid);
             throw error;
           }
-          log.info({ path: action.path, ms: Date.now() - started }, 'image created');
+          log.info({ path: action.path, ms: Math.round(this.#clock.now() - started) }, 'image created');
           await this.#event(
             key,
             'Normal',
@@ -234,26 +247,12 @@ export class Reconciler {
           break;
         }
         case 'addQemuExport':
-          try {
-            await qemu.addExport(action.config);
-            log.info({ export: action.config.exportName }, 'qemu-storage-daemon export added');
-          } catch (error) {
-            if (errorName(error) === 'ImageLockedError')
-              return { kind: 'lock', message: errorMessage(error) };
-            throw error;
-          }
+          await qemu.addExport(action.config);
+          log.info({ export: action.config.exportName }, 'qemu-storage-daemon export added');
           break;
         case 'removeQemuExport':
-          try {
-            await qemu.removeExport(action.exportName, { force: action.force });
-            log.info(
-              { export: action.exportName, force: action.force },
-              'qemu-storage-daemon export removed',
-            );
-          } catch (error) {
-            if (errorName(error) === 'ExportBusyError') return { kind: 'busy', message: errorMessage(error) };
-            throw error;
-          }
+          await qemu.removeExport(action.exportName, { force: action.force });
+          log.info({ export: action.exportName, force: action.force }, 'qemu-storage-daemon export removed');
           break;
         case 'probe': {
           const port = action.server === 'nbd-server' ? this.#policy.nbdServerPort : this.#policy.qemuPort;
@@ -264,7 +263,7 @@ export class Reconciler {
           });
           this.#probes.set(key, {
             fingerprint: action.fingerprint,
-            at: Date.now(),
+            at: this.#clock.now(),
             ok: result.ok,
             message: result.ok ? 'ok' : result.message,
             ...(result.ok ? { size: result.size } : {}),
@@ -274,7 +273,7 @@ export class Reconciler {
         }
       }
     }
-    return { kind: onlyWaiting ? 'waiting' : 'progress' };
+    return undefined;
   }
 
   /** Deletes an image only if it is still the very file this controller created. */
@@ -297,30 +296,19 @@ export class Reconciler {
   async #writeStatus(
     resource: NbdExport,
     generation: number | undefined,
-    plan: ExportPlan,
-    wasReady: boolean,
-    log: Logger,
+    plan: ExportPlan & { events: ExportEvent[] },
   ): Promise<void> {
     const key = keyOf(resource.metadata);
     const previous = resource.status ?? {};
     const status: NbdExportStatus = {
       ...(generation === undefined ? {} : { observedGeneration: generation }),
       ...plan.fields,
-      conditions: setConditions(previous.conditions, plan.conditions, generation, this.#now()),
+      conditions: setConditions(previous.conditions, plan.conditions, generation, this.#clock.date()),
     };
     await this.#store.updateStatus(key, status);
-
     const ready = plan.conditions.find((c) => c.type === 'Ready');
-    if (!ready) return;
-    if (ready.status === 'True' && !wasReady) {
-      log.info({ uri: plan.fields.uri }, 'export ready');
-      await this.#event(key, 'Normal', EventReason.Served, `serving ${plan.fields.uri ?? ''}`);
-    } else if (ready.status === 'False') {
-      const reason = warningEventFor(ready.reason);
-      if (reason) await this.#event(key, 'Warning', reason, ready.message);
-      if (ready.reason === Reason.RestartPending)
-        await this.#event(key, 'Normal', EventReason.RestartPlanned, ready.message);
-    }
+    if (ready?.status === 'True' && plan.events.some((e) => e.reason === EventReason.Served))
+      this.#logger.info({ key, uri: plan.fields.uri }, 'export ready');
   }
 
   async #event(key: ResourceKey, type: 'Normal' | 'Warning', reason: string, message: string): Promise<void> {
@@ -332,41 +320,33 @@ export class Reconciler {
   }
 }
 
-function warningEventFor(reason: string): string | undefined {
-  switch (reason) {
-    case Reason.ExportNameConflict:
-    case Reason.ImageInUse:
-      return reason === Reason.ImageInUse ? EventReason.ImageInUse : EventReason.Conflict;
-    case Reason.InvalidSpec:
-    case Reason.PathNotAllowed:
-    case Reason.DeviceNotAllowed:
-    case Reason.Unsupported:
-    case Reason.ImageFormatMismatch:
-      return EventReason.InvalidSpec;
-    default:
-      return undefined;
-  }
+/** What a thrown action means for the next plan. */
+function learnedFrom(action: Action, error: unknown, log: Logger): Learned {
+  if (action.kind === 'addQemuExport' && error instanceof ImageLockedError)
+    return { lock: { locked: true, message: error.message } };
+  if (action.kind === 'removeQemuExport' && error instanceof ExportBusyError)
+    return { removalBlocked: error.message };
+  const permanent = isPermanentFailure(error);
+  log.warn({ action: action.kind, error: errorMessage(error), permanent }, 'action failed');
+  return { executionFailure: { action: action.kind, message: errorMessage(error), permanent } };
 }
 
-/** A gentle change of a qemu export waits for its clients to leave. */
-function busyPlan(plan: ExportPlan, message: string): ExportPlan {
-  const waitingFor = `${message}; the change is applied once the connected client disconnects`;
+/**
+ * What the rest of the node means for this resource: who else uses the image it created,
+ * and which files others export read-write (none may back this resource's image).
+ */
+function claimsAround(
+  key: ResourceKey,
+  claims: readonly Claim[],
+  createdPath: string | undefined,
+): Pick<ObservedExport, 'createdImageUsedBy' | 'writersElsewhere'> {
+  const others = claims.filter((c) => c.key !== key);
+  const usedBy = createdPath === undefined ? [] : others.filter((c) => c.realPath === createdPath);
+  const writers = others.filter((c) => c.writable && c.realPath !== undefined);
   return {
-    ...plan,
-    actions: [],
-    requeueAfterMs: RETRY_SOON_MS,
-    conditions: plan.conditions.map((c) =>
-      c.type === 'ImageReady'
-        ? c
-        : { ...c, status: 'False', reason: Reason.RestartPending, message: waitingFor },
-    ),
+    ...(usedBy.length > 0 ? { createdImageUsedBy: usedBy.map((c) => c.key) } : {}),
+    ...(writers.length > 0
+      ? { writersElsewhere: writers.map((c) => ({ realPath: c.realPath ?? '', key: c.key })) }
+      : {}),
   };
-}
-
-function errorName(error: unknown): string | undefined {
-  return error instanceof Error ? error.name : undefined;
-}
-
-function errorMessage(error: unknown): string {
-  return error instanceof Error ? error.message : String(error);
 }

@@ -4,6 +4,7 @@
  * decides from it alone, so every decision is testable as a table.
  */
 import type { ServerKind } from '../api/types.js';
+import type { ActionKind } from './actions.js';
 
 /** A spec path after resolving symlinks; for a missing file, its deepest existing ancestor resolved. */
 export type PathObservation =
@@ -53,6 +54,16 @@ export interface ProbeObservation {
   ok: boolean;
   size?: number;
   message: string;
+  /** How long ago the handshake was made: the planner decides whether it still stands. */
+  ageMs: number;
+}
+
+/** An action of the previous step threw. */
+export interface ExecutionFailure {
+  action: ActionKind;
+  message: string;
+  /** Retrying cannot help (a request the executor refuses as malformed, a 4xx from the API). */
+  permanent: boolean;
 }
 
 /** What the node remembers this resource owns (src/node/ownership-ledger.ts). */
@@ -88,4 +99,10 @@ export interface ObservedExport {
   conflict?: ConflictObservation;
   /** Other resources on this node that use the image this one created (they keep it alive). */
   createdImageUsedBy?: string[];
+  /** Files other resources of this node export read-write (real paths): none may back this image. */
+  writersElsewhere?: { realPath: string; key: string }[];
+  /** What an executor learned in this run: a gentle qemu export removal refused (a client is connected). */
+  removalBlocked?: string;
+  /** What an executor learned in this run: the last step's action threw. */
+  executionFailure?: ExecutionFailure;
 }

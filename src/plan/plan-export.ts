@@ -4,23 +4,23 @@
  * observe → plan → execute until a plan has no actions, so each call only needs to
  * name the next step, and running it on a converged node yields nothing to do.
  */
-import type { ConditionDraft } from '../api/conditions.js';
+import { findCondition, type ConditionDraft } from '../api/conditions.js';
 import { fingerprintOf, type ExportConfig } from '../api/export-config.js';
-import { effectiveExportName } from '../api/export-name.js';
 import { parseQuantity } from '../api/quantity.js';
-import { ConditionType, Reason } from '../api/reasons.js';
+import { ConditionType, EventReason, Reason } from '../api/reasons.js';
 import {
   FINALIZER,
+  type ExportEvent,
   type ImageFormat,
   type NbdExport,
   type NbdExportSpec,
   type NbdExportStatus,
   type ServerKind,
 } from '../api/types.js';
-import { validateSpec } from '../api/validate-spec.js';
-import type { Action } from './actions.js';
-import { isInsideAnyRoot, matchesDevicePattern, serverFor, type NodePolicy } from './node-policy.js';
-import type { ImageInfo, ObservedExport } from './observed-state.js';
+import type { Action, ActionKind } from './actions.js';
+import type { DesiredExport, InvalidExport } from './desired-export.js';
+import { isInsideAnyRoot, matchesDevicePattern, type NodePolicy } from './node-policy.js';
+import type { ExecutionFailure, ImageInfo, ObservedExport, ProbeObservation } from './observed-state.js';
 
 /** The status fields the planner decides; the reconciler adds observedGeneration and conditions. */
 export type StatusFields = Omit<NbdExportStatus, 'observedGeneration' | 'conditions'>;
@@ -32,10 +32,17 @@ export interface ExportPlan {
   fields: StatusFields;
   /** Look again after this long even if nothing changes (waiting on something outside). */
   requeueAfterMs?: number;
+  /**
+   * An action failed: after status is written the run counts as failed, so the queue retries
+   * it with backoff, or, when `permanent`, not until the resource changes.
+   */
+  failed?: { permanent: boolean; message: string };
 }
 
 export interface PlanInput {
   resource: NbdExport;
+  /** The resource's spec, parsed once for this step (desiredExportOf). */
+  desired: DesiredExport | InvalidExport;
   observed: ObservedExport;
   policy: NodePolicy;
 }
@@ -44,28 +51,31 @@ export interface PlanInput {
 export const RETRY_SOON_MS = 5_000;
 /** Files and locks change without any event reaching the controller: look again now and then. */
 export const RECHECK_FILESYSTEM_MS = 15_000;
+/** A successful NBD handshake is trusted this long; a later look at the resource probes again. */
+export const PROBE_TRUSTED_MS = 60_000;
+/** A failed handshake is tried again after this long. */
+export const PROBE_RETRY_MS = 2_000;
 
-export function planExport({ resource, observed, policy }: PlanInput): ExportPlan {
+/** The plan, and the events that go with the status it sets. */
+export function planExport(input: PlanInput): ExportPlan & { events: ExportEvent[] } {
+  const plan = holdWhileClientConnected(planNextStep(input), input.observed);
+  return { ...plan, events: eventsFor(input.resource, plan) };
+}
+
+function planNextStep({ resource, desired, observed, policy }: PlanInput): ExportPlan {
   const hasFinalizer = resource.metadata.finalizers?.includes(FINALIZER) ?? false;
   if (resource.metadata.deletionTimestamp !== undefined)
     return planDeletion(resource, observed, hasFinalizer);
 
-  const validation = validateSpec(resource.spec);
-  if (!validation.ok) {
-    const message = validation.errors.map((e) => `${e.path}: ${e.message}`).join('; ');
-    return notReady(Reason.InvalidSpec, `${message}. Nothing on the node was changed.`, 'Unknown');
-  }
+  if (!desired.ok)
+    return notReady(Reason.InvalidSpec, `${desired.message}. Nothing on the node was changed.`, 'Unknown');
   // Before the node changes at all, so that cleanup is guaranteed to run.
   if (!hasFinalizer)
     return waiting([{ kind: 'addFinalizer' }], Reason.Reconciling, 'adding the cleanup finalizer');
 
-  const spec = validation.spec;
-  const exportName = effectiveExportName(resource);
-  const fileSource = spec.source.file;
-  const isDevice = fileSource === undefined;
-  const format: ImageFormat = fileSource?.format ?? 'raw';
-  const server = serverFor(format, policy);
+  const { spec, exportName, format, server, isDevice, specPath } = desired;
   const fields: StatusFields = { exportName, server, format, uri: uriFor(policy, server, exportName) };
+  if (observed.executionFailure) return { ...failedPlan(observed.executionFailure), fields };
 
   if (observed.conflict) {
     // A loser stops serving what it served, then gives up its claim; it looks again soon,
@@ -84,7 +94,6 @@ export function planExport({ resource, observed, policy }: PlanInput): ExportPla
   const path = observed.path;
   if (!path) return { ...waiting([], Reason.Reconciling, 'resolving the path'), fields };
   if (path.kind === 'error') return { ...notReady(Reason.PathNotAllowed, path.message), fields };
-  const specPath = isDevice ? (spec.source.blockDevice?.path ?? '') : (fileSource?.path ?? '');
   if (isDevice) {
     const allowed = policy.allowedDevices.some(
       (pattern) => matchesDevicePattern(specPath, pattern) || matchesDevicePattern(path.realPath, pattern),
@@ -153,6 +162,8 @@ export function planExport({ resource, observed, policy }: PlanInput): ExportPla
   };
   const imageProblem = checkImage(info, format, isDevice, specPath, policy);
   if (imageProblem) return { ...notReady(imageProblem.reason, imageProblem.message), fields: imageFields };
+  const backingWriter = writerOfBacking(info.backingChain, observed);
+  if (backingWriter) return { ...backingWriter, fields: imageFields };
   if (observed.lock?.locked)
     return {
       ...notReady(
@@ -246,8 +257,8 @@ function planCreation(
   if (!create)
     return {
       ...notReady(
-        Reason.ImageNotFound,
-        `${file.path} does not exist; create it, or set spec.source.file.create to have the controller create it`,
+        Reason.WaitingForImage,
+        `${file.path} does not exist; waiting for it to appear (or set spec.source.file.create to have the controller create it)`,
       ),
       requeueAfterMs: RECHECK_FILESYSTEM_MS,
     };
@@ -272,6 +283,8 @@ function planCreation(
         requeueAfterMs: RETRY_SOON_MS,
       };
     backingFile = backing.realPath;
+    const backingWriter = writerOfBacking([backing.realPath], observed);
+    if (backingWriter) return backingWriter;
   }
   const size = create.size === undefined ? undefined : parseQuantity(create.size);
   if (size && !size.ok) return notReady(Reason.InvalidSpec, `spec.source.file.create.size: ${size.message}`);
@@ -424,7 +437,7 @@ function planServing(
     };
 
   const probe = observed.probe;
-  if (!probe || probe.fingerprint !== fingerprint)
+  if (!probe || probe.fingerprint !== fingerprint || !isFresh(probe))
     return {
       actions: [
         { kind: 'probe', server: config.server, exportName: config.exportName, fingerprint, expectedSize },
@@ -455,6 +468,121 @@ function planServing(
       `served by ${config.server}; an NBD handshake saw ${expectedSize} bytes`,
     ),
   };
+}
+
+/** Whether a probe result may stand, or the export must be probed again. */
+function isFresh(probe: ProbeObservation): boolean {
+  return probe.ageMs < (probe.ok ? PROBE_TRUSTED_MS : PROBE_RETRY_MS);
+}
+
+/**
+ * Another resource of this node exports a file of this image's backing chain read-write:
+ * QEMU would refuse to open the chain (our own server holds the write lock), and serving
+ * an incremental on a backing file that still changes would serve inconsistent data.
+ */
+function writerOfBacking(chain: readonly string[], observed: ObservedExport): ExportPlan | undefined {
+  for (const path of chain) {
+    const writer = observed.writersElsewhere?.find((w) => w.realPath === path);
+    if (writer)
+      return {
+        ...notReady(
+          Reason.ImageInUse,
+          `backing file ${path} is exported read-write by ${writer.key} on this node. Seal it first: set readOnly: true on ${writer.key} once its writer has finished; this export follows by itself.`,
+        ),
+        requeueAfterMs: RECHECK_FILESYSTEM_MS,
+      };
+  }
+  return undefined;
+}
+
+/** An action of the last step threw: say which, with the cause's words. */
+function failedPlan(failure: ExecutionFailure): ExportPlan {
+  const reason = failureReason(failure.action);
+  const retry = failure.permanent ? 'not retried until the resource changes' : 'retrying with backoff';
+  return {
+    ...notReady(reason, `${failure.action} failed: ${failure.message} (${retry})`),
+    failed: { permanent: failure.permanent, message: failure.message },
+  };
+}
+
+function failureReason(action: ActionKind): string {
+  switch (action) {
+    case 'makeParentDirectories':
+    case 'recordOwnership':
+    case 'createImage':
+      return Reason.ImageCreateFailed;
+    case 'writeNbdServerExport':
+    case 'removeNbdServerExport':
+    case 'applyNbdServer':
+    case 'disconnectNbdServerClients':
+    case 'addQemuExport':
+    case 'removeQemuExport':
+      return Reason.ExportFailed;
+    case 'probe':
+      return Reason.ProbeFailed;
+    default:
+      return Reason.ReconcileFailed;
+  }
+}
+
+/**
+ * A gentle removal of a qemu-storage-daemon export was refused because a client is
+ * connected: hold every such change until the client leaves, and say so.
+ */
+function holdWhileClientConnected(plan: ExportPlan, observed: ObservedExport): ExportPlan {
+  const blocked = observed.removalBlocked;
+  if (blocked === undefined) return plan;
+  if (!plan.actions.some((a) => a.kind === 'removeQemuExport' && !a.force)) return plan;
+  const message = `${blocked}; the change is applied once the connected client disconnects`;
+  return {
+    ...plan,
+    actions: [],
+    requeueAfterMs: RETRY_SOON_MS,
+    conditions: plan.conditions.map((c) =>
+      c.type === ConditionType.ImageReady
+        ? c
+        : { ...c, status: 'False', reason: Reason.RestartPending, message },
+    ),
+  };
+}
+
+/** Events go with a change of Ready: served at last, or refused for a reason a person must see. */
+function eventsFor(resource: NbdExport, plan: ExportPlan): ExportEvent[] {
+  const ready = plan.conditions.find((c) => c.type === ConditionType.Ready);
+  if (!ready || plan.actions.length > 0) return [];
+  const before = findCondition(resource.status?.conditions, ConditionType.Ready);
+  if (ready.status === 'True')
+    return before?.status === 'True'
+      ? []
+      : [{ type: 'Normal', reason: EventReason.Served, message: `serving ${plan.fields.uri ?? ''}` }];
+  if (ready.status !== 'False') return [];
+  const warning = warningEventFor(ready.reason);
+  const events: ExportEvent[] = [];
+  if (warning) events.push({ type: 'Warning', reason: warning, message: ready.message });
+  if (ready.reason === Reason.RestartPending)
+    events.push({ type: 'Normal', reason: EventReason.RestartPlanned, message: ready.message });
+  return events;
+}
+
+function warningEventFor(reason: string): string | undefined {
+  switch (reason) {
+    case Reason.ExportNameConflict:
+      return EventReason.Conflict;
+    case Reason.ImageInUse:
+      return EventReason.ImageInUse;
+    case Reason.InvalidSpec:
+    case Reason.PathNotAllowed:
+    case Reason.DeviceNotAllowed:
+    case Reason.Unsupported:
+    case Reason.ImageFormatMismatch:
+      return EventReason.InvalidSpec;
+    case Reason.ImageCreateFailed:
+    case Reason.ExportFailed:
+    case Reason.ReconcileFailed:
+      return EventReason.Failed;
+    default:
+      return undefined;
+  }
 }
 
 /** The allow-list written for the server; the probe's own address is let in so that probing works. */

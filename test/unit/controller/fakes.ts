@@ -2,6 +2,7 @@
  * Fakes at the controller's boundary (the ExportStore and the node services), for unit
  * tests of the glue. The real programs are exercised by the integration tests.
  */
+import { ExportBusyError, ImageLockedError } from '../../../src/node/qemu-storage-daemon/errors.js';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -70,6 +71,10 @@ export class FakeNode {
   /** Export names whose qemu removal fails as busy (a client is connected). */
   readonly busy = new Set<string>();
   readonly created: CreateImageRequest[] = [];
+  /** When set, creating an image fails with this error (after nothing was published). */
+  createFailure: Error | undefined;
+  /** NBD handshakes made. */
+  probes = 0;
   ledger!: OwnershipLedger;
   #appliedListeners: ((names: string[]) => void)[] = [];
 
@@ -131,15 +136,12 @@ export class FakeNode {
           ),
         addExport: (config) => {
           const lock = this.locks.get(config.path);
-          if (lock) return Promise.reject(Object.assign(new Error(lock), { name: 'ImageLockedError' }));
+          if (lock) return Promise.reject(new ImageLockedError(config.path, lock));
           this.qemuServed.set(config.exportName, config);
           return Promise.resolve();
         },
         removeExport: (name, { force }) => {
-          if (this.busy.has(name) && !force)
-            return Promise.reject(
-              Object.assign(new Error(`export ${name} has a client`), { name: 'ExportBusyError' }),
-            );
+          if (this.busy.has(name) && !force) return Promise.reject(new ExportBusyError(name));
           this.qemuServed.delete(name);
           return Promise.resolve();
         },
@@ -159,6 +161,7 @@ export class FakeNode {
           return Promise.resolve(message ? { locked: true, message } : { locked: false });
         },
         create: async (request, beforePublish) => {
+          if (this.createFailure) throw this.createFailure;
           this.created.push(request);
           await beforePublish(this.created.length);
           this.files.set(request.path, {
@@ -181,6 +184,7 @@ export class FakeNode {
           isBlockDevice: false,
         }),
       probe: (target: ProbeTarget): Promise<ProbeResult> => {
+        this.probes++;
         const served =
           [...this.qemuServed.values()].find((c) => c.exportName === target.exportName) ??
           (this.nbdLoaded.has(target.exportName) ? this.nbdConfigured.get(target.exportName) : undefined);

@@ -2,8 +2,10 @@ import { pino } from 'pino';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { FINALIZER, type NbdExport } from '../../../src/api/types.js';
 import { Reconciler } from '../../../src/controller/reconciler.js';
+import { PermanentError } from '../../../src/controller/work-queue.js';
 import type { NodePolicy } from '../../../src/plan/node-policy.js';
 import { FakeNode, FakeStore } from './fakes.js';
+import { ManualClock } from '../../support/manual-clock.js';
 
 const policy: NodePolicy = {
   nodeName: 'n1',
@@ -49,6 +51,7 @@ describe('Reconciler (fakes at the node boundary)', () => {
   let store: FakeStore;
   let node: FakeNode;
   let reconciler: Reconciler;
+  let clock: ManualClock;
 
   afterEach(async () => {
     await node.dispose();
@@ -57,13 +60,13 @@ describe('Reconciler (fakes at the node boundary)', () => {
   beforeEach(async () => {
     store = new FakeStore();
     node = await new FakeNode().init();
-    let tick = 0;
+    clock = new ManualClock(new Date('2026-11-25T10:00:00Z'));
     reconciler = new Reconciler({
       store,
       services: node.services(),
       policy,
       logger: pino({ level: 'silent' }),
-      now: () => new Date(Date.parse('2026-11-25T10:00:00Z') + 1000 * tick++),
+      clock,
     });
   });
 
@@ -206,5 +209,76 @@ describe('Reconciler (fakes at the node boundary)', () => {
     await reconciler.reconcile('ns/mine');
     expect(store.get('ns/mine')).toBeUndefined();
     expect(node.files.has('/data/mine.qcow2')).toBe(true);
+  });
+
+  it('a failed action reaches status with its reason and cause, and the run fails so the queue backs off', async () => {
+    node.createFailure = new Error('qemu-img: No space left on device');
+    store.put(resource('a'));
+    const error = await reconciler.reconcile('ns/a').catch((e: unknown) => e);
+    expect(error).toBeInstanceOf(Error);
+    expect(error).not.toBeInstanceOf(PermanentError);
+    expect(condition(store, 'ns/a')).toMatchObject({
+      status: 'False',
+      reason: 'ImageCreateFailed',
+      message: expect.stringContaining('No space left on device') as unknown,
+    });
+    expect(store.events.map((e) => e.reason)).toContain('Failed');
+    // Nothing is left claiming the image: a later success creates and records it afresh.
+    expect(node.ledger.get('uid-a')?.createdImage).toBeUndefined();
+    node.createFailure = undefined;
+    expect(await reconciler.reconcile('ns/a')).toEqual({});
+    expect(condition(store, 'ns/a')).toMatchObject({ status: 'True', reason: 'Served' });
+  });
+
+  it('a failure retrying cannot fix is permanent: the queue stops retrying', async () => {
+    node.createFailure = new TypeError('backing file has format "vmdk", expected qcow2 or raw');
+    store.put(resource('a'));
+    await expect(reconciler.reconcile('ns/a')).rejects.toBeInstanceOf(PermanentError);
+    expect(condition(store, 'ns/a')).toMatchObject({ reason: 'ImageCreateFailed' });
+  });
+
+  it('trusts a handshake for a minute by the injected clock, then probes again', async () => {
+    store.put(resource('a'));
+    await reconciler.reconcile('ns/a');
+    const probes = node.probes;
+    await clock.advance(59_000);
+    await reconciler.reconcile('ns/a');
+    expect(node.probes).toBe(probes);
+    await clock.advance(1_000);
+    await reconciler.reconcile('ns/a');
+    expect(node.probes).toBe(probes + 1);
+    expect(condition(store, 'ns/a')).toMatchObject({ status: 'True' });
+  });
+
+  it('an incremental on a backing file another resource exports read-write names that resource', async () => {
+    store.put(resource('full'));
+    await reconciler.reconcile('ns/full');
+    store.put(
+      resource(
+        'incr',
+        {
+          source: {
+            file: { path: '/data/incr.qcow2', format: 'qcow2', create: { backingFile: '/data/full.qcow2' } },
+          },
+        },
+        '2026-11-25T10:01:00Z',
+      ),
+    );
+    await reconciler.reconcile('ns/incr');
+    expect(condition(store, 'ns/incr')).toMatchObject({
+      status: 'False',
+      reason: 'ImageInUse',
+      message: expect.stringMatching(/exported read-write by ns\/full.*readOnly: true/) as unknown,
+    });
+    expect(node.created.map((c) => c.path)).not.toContain('/data/incr.qcow2');
+
+    // Sealed: the incremental follows.
+    const sealed = structuredClone(store.get('ns/full')!);
+    sealed.spec.readOnly = true;
+    sealed.metadata.generation = 2;
+    store.put(sealed);
+    await reconciler.reconcile('ns/full');
+    await reconciler.reconcile('ns/incr');
+    expect(condition(store, 'ns/incr')).toMatchObject({ status: 'True' });
   });
 });

@@ -1,10 +1,16 @@
 import { describe, expect, it } from 'vitest';
 import { fingerprintOf, type ExportConfig } from '../../../src/api/export-config.js';
 import { FINALIZER, type NbdExport, type NbdExportSpec } from '../../../src/api/types.js';
-import type { Action } from '../../../src/plan/actions.js';
+import type { Action, ActionKind } from '../../../src/plan/actions.js';
 import type { NodePolicy } from '../../../src/plan/node-policy.js';
 import type { ObservedExport, ServingObservation } from '../../../src/plan/observed-state.js';
-import { planExport } from '../../../src/plan/plan-export.js';
+import { desiredExportOf } from '../../../src/plan/desired-export.js';
+import { planExport as planWithDesired, type PlanInput } from '../../../src/plan/plan-export.js';
+
+/** The planner as the reconciler calls it: the spec parsed once, beside the observation. */
+function planExport(input: Omit<PlanInput, 'desired'>) {
+  return planWithDesired({ ...input, desired: desiredExportOf(input.resource, input.policy) });
+}
 
 const policy: NodePolicy = {
   nodeName: 'storage-01',
@@ -91,7 +97,7 @@ function converged(
       server: 'qemu-storage-daemon',
       createdImage: { path: QCOW, inode: 4242 },
     },
-    probe: { fingerprint: qcowPrint, ok: true, size: GiB, message: 'ok' },
+    probe: { fingerprint: qcowPrint, ok: true, size: GiB, message: 'ok', ageMs: 0 },
   };
   const merged: Record<string, unknown> = { ...base, ...overrides };
   for (const key of Object.keys(merged)) if (merged[key] === undefined) delete merged[key];
@@ -243,7 +249,9 @@ describe('planExport: converging', () => {
   it('a probe that saw the wrong size is not Ready, and looks again later', () => {
     const plan = planExport({
       resource: resource(),
-      observed: converged({ probe: { fingerprint: qcowPrint, ok: true, size: 196608, message: 'ok' } }),
+      observed: converged({
+        probe: { fingerprint: qcowPrint, ok: true, size: 196608, message: 'ok', ageMs: 0 },
+      }),
       policy,
     });
     expect(plan.actions).toEqual([]);
@@ -422,7 +430,7 @@ describe('planExport: refusing, with nothing done on the node', () => {
         },
         image: { kind: 'missing' },
       }),
-      reason: 'ImageNotFound',
+      reason: 'WaitingForImage',
       message: /does not exist/,
     },
     {
@@ -649,5 +657,62 @@ describe('planExport: deletion', () => {
       policy,
     });
     expect(plan.actions).toEqual([]);
+  });
+});
+
+describe('planExport: an action that failed in the last step', () => {
+  const cases: { action: ActionKind; reason: string }[] = [
+    { action: 'createImage', reason: 'ImageCreateFailed' },
+    { action: 'makeParentDirectories', reason: 'ImageCreateFailed' },
+    { action: 'writeNbdServerExport', reason: 'ExportFailed' },
+    { action: 'addQemuExport', reason: 'ExportFailed' },
+    { action: 'removeQemuExport', reason: 'ExportFailed' },
+    { action: 'claimExport', reason: 'ReconcileFailed' },
+  ];
+  for (const { action, reason } of cases)
+    it(`${action} → ${reason}, no further action, the cause in the message`, () => {
+      const plan = planExport({
+        resource: resource(),
+        observed: converged({ executionFailure: { action, message: 'disk on fire', permanent: false } }),
+        policy,
+      });
+      expect(plan.actions).toEqual([]);
+      expect(plan.failed).toEqual({ permanent: false, message: 'disk on fire' });
+      expect(plan.conditions[0]).toMatchObject({ status: 'False', reason });
+      expect(plan.conditions[0]?.message).toContain('disk on fire');
+      expect(plan.events).toEqual([
+        { type: 'Warning', reason: 'Failed', message: plan.conditions[0]?.message },
+      ]);
+    });
+
+  it('a permanent failure says it is not retried', () => {
+    const plan = planExport({
+      resource: resource(),
+      observed: converged({
+        executionFailure: { action: 'createImage', message: 'malformed', permanent: true },
+      }),
+      policy,
+    });
+    expect(plan.failed?.permanent).toBe(true);
+    expect(plan.conditions[0]?.message).toMatch(/not retried until the resource changes/);
+  });
+});
+
+describe('planExport: probe freshness', () => {
+  it('trusts a good handshake for a minute and a failed one for two seconds', () => {
+    const probe = (ok: boolean, ageMs: number) =>
+      planExport({
+        resource: resource(),
+        observed: converged({
+          probe: ok
+            ? { fingerprint: qcowPrint, ok, size: GiB, message: 'ok', ageMs }
+            : { fingerprint: qcowPrint, ok, message: 'refused', ageMs },
+        }),
+        policy,
+      }).actions.map((a) => a.kind);
+    expect(probe(true, 59_999)).toEqual([]);
+    expect(probe(true, 60_000)).toEqual(['probe']);
+    expect(probe(false, 1_999)).toEqual([]);
+    expect(probe(false, 2_000)).toEqual(['probe']);
   });
 });
