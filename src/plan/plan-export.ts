@@ -203,6 +203,7 @@ function planNextStep({ resource, desired, observed, policy }: PlanInput): Expor
 function planDeletion(resource: NbdExport, observed: ObservedExport, hasFinalizer: boolean): ExportPlan {
   const deleting = (message: string, actions: Action[] = []) => waiting(actions, Reason.Deleting, message);
   if (!hasFinalizer) return deleting('deleted; nothing of it is left on this node');
+  if (observed.executionFailure) return failedPlan(observed.executionFailure);
 
   const retire = retireOwned(observed, true);
   if (retire.length > 0)

@@ -716,3 +716,18 @@ describe('planExport: probe freshness', () => {
     expect(probe(false, 2_000)).toEqual(['probe']);
   });
 });
+
+describe('planExport: a cleanup step that failed', () => {
+  it('stops and reports instead of repeating the failed action', () => {
+    const plan = planExport({
+      resource: resource({}, { deletionTimestamp: '2026-11-25T11:00:00Z' }),
+      observed: converged({
+        executionFailure: { action: 'removeQemuExport', message: 'QMP timed out', permanent: false },
+      }),
+      policy,
+    });
+    expect(plan.actions).toEqual([]);
+    expect(plan.conditions[0]).toMatchObject({ status: 'False', reason: 'ExportFailed' });
+    expect(plan.failed).toEqual({ permanent: false, message: 'QMP timed out' });
+  });
+});
