@@ -58,7 +58,7 @@ export const PROBE_RETRY_MS = 2_000;
 
 /** The plan, and the events that go with the status it sets. */
 export function planExport(input: PlanInput): ExportPlan & { events: ExportEvent[] } {
-  const plan = holdWhileClientConnected(planNextStep(input), input.observed);
+  const plan = retireWhenRefused(holdWhileClientConnected(planNextStep(input), input.observed), input);
   return { ...plan, events: eventsFor(input.resource, plan) };
 }
 
@@ -67,8 +67,7 @@ function planNextStep({ resource, desired, observed, policy }: PlanInput): Expor
   if (resource.metadata.deletionTimestamp !== undefined)
     return planDeletion(resource, observed, hasFinalizer);
 
-  if (!desired.ok)
-    return notReady(Reason.InvalidSpec, `${desired.message}. Nothing on the node was changed.`, 'Unknown');
+  if (!desired.ok) return notReady(Reason.InvalidSpec, `${desired.message}.`, 'Unknown');
   // Before the node changes at all, so that cleanup is guaranteed to run.
   if (!hasFinalizer)
     return waiting([{ kind: 'addFinalizer' }], Reason.Reconciling, 'adding the cleanup finalizer');
@@ -461,6 +460,8 @@ function planServing(
       ),
       requeueAfterMs: RETRY_SOON_MS,
     };
+  // Looked at again when the handshake expires: files change without any event (a path
+  // swapped for a symlink, a file replaced), and what must not be served is then retired.
   return {
     actions: [],
     exported: exported(
@@ -468,7 +469,54 @@ function planServing(
       Reason.Served,
       `served by ${config.server}; an NBD handshake saw ${expectedSize} bytes`,
     ),
+    requeueAfterMs: PROBE_TRUSTED_MS,
   };
+}
+
+/**
+ * Reasons that mean "this must not be served": the spec, the node's rules or the image
+ * itself forbid it. Whatever the resource served before is retired at once, and its clients
+ * cut: a confinement breach is the one case where cutting clients is right.
+ */
+const REFUSALS: ReadonlySet<string> = new Set([
+  Reason.InvalidSpec,
+  Reason.PathNotAllowed,
+  Reason.DeviceNotAllowed,
+  Reason.Unsupported,
+  Reason.ImageFormatMismatch,
+  Reason.ImageInvalid,
+]);
+
+function retireWhenRefused(plan: ExportPlan, { resource, observed }: PlanInput): ExportPlan {
+  if (resource.metadata.deletionTimestamp !== undefined) return plan;
+  const ready = plan.conditions.find((c) => c.type === ConditionType.Ready);
+  if (!ready || !REFUSALS.has(ready.reason) || plan.actions.length > 0) return plan;
+  const actions = retireAndCut(observed);
+  const note =
+    actions.length > 0 || observed.owned
+      ? ' The export it served is taken down and its clients are disconnected.'
+      : ' Nothing on the node was changed.';
+  return {
+    ...plan,
+    actions,
+    conditions: plan.conditions.map((c) => ({ ...c, message: `${c.message}${note}` })),
+  };
+}
+
+/** Stops serving what the ledger says this resource serves, cutting its clients, then drops the claim. */
+function retireAndCut(observed: ObservedExport): Action[] {
+  const owned = observed.owned;
+  if (!owned) return [];
+  const { exportName } = owned;
+  if (owned.server === 'qemu-storage-daemon')
+    return owned.served !== undefined
+      ? [{ kind: 'removeQemuExport', exportName, force: true }]
+      : [{ kind: 'releaseExport' }];
+  if (owned.configured !== undefined)
+    return [{ kind: 'removeNbdServerExport', exportName }, { kind: 'applyNbdServer' }];
+  if (owned.served !== undefined) return [{ kind: 'applyNbdServer' }];
+  // No longer configured nor served by the current parent: children forked before still serve.
+  return [{ kind: 'disconnectNbdServerClients', exportName }, { kind: 'releaseExport' }];
 }
 
 /** Whether a probe result may stand, or the export must be probed again. */

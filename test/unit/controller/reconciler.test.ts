@@ -72,7 +72,7 @@ describe('Reconciler (fakes at the node boundary)', () => {
 
   it('converges a new qcow2 export in one run: finalizer, image, export, probe, Ready', async () => {
     store.put(resource('a'));
-    expect(await reconciler.reconcile('ns/a')).toEqual({});
+    expect(await reconciler.reconcile('ns/a')).toEqual({ requeueAfterMs: 60_000 });
     const object = store.get('ns/a');
     expect(object?.metadata.finalizers).toEqual([FINALIZER]);
     expect(node.created).toEqual([{ path: '/data/a.qcow2', format: 'qcow2', sizeBytes: GiB }]);
@@ -226,7 +226,7 @@ describe('Reconciler (fakes at the node boundary)', () => {
     // Nothing is left claiming the image: a later success creates and records it afresh.
     expect(node.ledger.get('uid-a')?.createdImage).toBeUndefined();
     node.createFailure = undefined;
-    expect(await reconciler.reconcile('ns/a')).toEqual({});
+    expect(await reconciler.reconcile('ns/a')).toEqual({ requeueAfterMs: 60_000 });
     expect(condition(store, 'ns/a')).toMatchObject({ status: 'True', reason: 'Served' });
   });
 

@@ -513,10 +513,24 @@ describe('planExport: refusing, with nothing done on the node', () => {
     },
   ];
 
+  /** Refusals retire what the resource served before (the table's nodes served it). */
+  const refusals = new Set([
+    'InvalidSpec',
+    'PathNotAllowed',
+    'DeviceNotAllowed',
+    'Unsupported',
+    'ImageFormatMismatch',
+    'ImageInvalid',
+  ]);
   for (const c of cases) {
     it(`${c.name} → Ready=False ${c.reason}`, () => {
       const plan = planExport({ resource: c.resource, observed: c.observed, policy });
-      expect(plan.actions).toEqual([]);
+      const servedBefore = c.observed.owned?.served !== undefined;
+      expect(plan.actions).toEqual(
+        refusals.has(c.reason) && servedBefore
+          ? [{ kind: 'removeQemuExport', exportName: 'backups.vm-1-full', force: true }]
+          : [],
+      );
       expect(ready(plan)?.status).toBe('False');
       expect(ready(plan)?.reason).toBe(c.reason);
       expect(ready(plan)?.message).toMatch(c.message);
@@ -729,5 +743,72 @@ describe('planExport: a cleanup step that failed', () => {
     expect(plan.actions).toEqual([]);
     expect(plan.conditions[0]).toMatchObject({ status: 'False', reason: 'ExportFailed' });
     expect(plan.failed).toEqual({ permanent: false, message: 'QMP timed out' });
+  });
+});
+
+describe('planExport: refusing means retiring', () => {
+  const outside = {
+    kind: 'resolved',
+    realPath: '/etc/shadow',
+    exists: true,
+    parentExists: true,
+    isFile: true,
+    isBlockDevice: false,
+  } as const;
+
+  it('nothing served before: nothing changes on the node, and the status says so', () => {
+    const plan = planExport({
+      resource: resource(),
+      observed: converged({ path: outside, owned: undefined, ledger: undefined }),
+      policy,
+    });
+    expect(plan.actions).toEqual([]);
+    expect(ready(plan)).toMatchObject({
+      reason: 'PathNotAllowed',
+      message: expect.stringMatching(/Nothing on the node was changed/) as unknown,
+    });
+  });
+
+  it('a raw export on nbd-server: its configuration goes, the server hands over, then its clients are cut and the claim dropped', () => {
+    const owned = { server: 'nbd-server', exportName: 'backups.vm-1-full', running: true } as const;
+    const step = (o: Partial<ServingObservation>) =>
+      planExport({
+        resource: resource({ source: { file: { path: RAW, format: 'raw' } } }),
+        observed: { ...rawOnNbdServer({}), path: { ...outside }, owned: { ...owned, ...o } },
+        policy,
+      });
+    const print = fingerprintOf(rawConfig);
+    expect(step({ configured: print, served: print }).actions).toEqual([
+      { kind: 'removeNbdServerExport', exportName: 'backups.vm-1-full' },
+      { kind: 'applyNbdServer' },
+    ]);
+    expect(step({ served: print }).actions).toEqual([{ kind: 'applyNbdServer' }]);
+    const last = step({});
+    expect(last.actions).toEqual([
+      { kind: 'disconnectNbdServerClients', exportName: 'backups.vm-1-full' },
+      { kind: 'releaseExport' },
+    ]);
+    expect(ready(last)?.message).toMatch(/taken down and its clients are disconnected/);
+  });
+
+  it('an invalid spec retires too', () => {
+    const plan = planExport({
+      resource: resource({ source: {} }),
+      observed: converged(),
+      policy,
+    });
+    expect(ready(plan)?.reason).toBe('InvalidSpec');
+    expect(plan.actions).toEqual([
+      { kind: 'removeQemuExport', exportName: 'backups.vm-1-full', force: true },
+    ]);
+  });
+
+  it('a deleted resource is cleaned up as usual, not refused', () => {
+    const plan = planExport({
+      resource: resource({}, { deletionTimestamp: '2026-11-25T11:00:00Z' }),
+      observed: converged({ path: outside }),
+      policy,
+    });
+    expect(ready(plan)?.reason).toBe('Deleting');
   });
 });
