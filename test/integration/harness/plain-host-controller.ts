@@ -67,7 +67,8 @@ export class PlainHostNode {
     return this.#process?.pid;
   }
 
-  async start(extraArgs: string[] = []): Promise<void> {
+  /** `allowedRoot`: the root to allow instead of `images` (a narrower one, say). */
+  async start(extraArgs: string[] = [], options: { allowedRoot?: string } = {}): Promise<void> {
     const log = openSync(join(this.root, `controller-${++this.#starts}.log`), 'w');
     this.#process = spawn(
       process.execPath,
@@ -76,7 +77,7 @@ export class PlainHostNode {
         'run',
         `--source=dir:${this.exportsDir}`,
         '--node-name=it-node',
-        `--allowed-root=${this.images}`,
+        `--allowed-root=${options.allowedRoot ?? this.images}`,
         `--state-dir=${this.stateDir}`,
         `--status-dir=${this.statusDir}`,
         '--listen-address=127.0.0.1',
