@@ -89,7 +89,11 @@ describe('the backup workflow', () => {
     expect(await files(dir)).toEqual(['disk0-full.qcow2']);
 
     // 3. Sealed read-only by a spec change: the incremental follows by itself.
+    const generation = (await node.object('vm-42-full'))?.metadata.generation ?? 0;
     await node.writeExports('full.yaml', [full(true)]);
+    await waitFor('the spec change to be seen', async () =>
+      ((await node.object('vm-42-full'))?.metadata.generation ?? 0) > generation ? true : undefined,
+    );
     await node.waitForReady('vm-42-full');
     expect(await canWrite(fullUri)).toBe(false);
     const incrUri = node.uri(await node.waitForReady('vm-42-incr'));
