@@ -47,7 +47,14 @@ export function parseBoundedYaml(
   for (const document of documents) walkWithinBudget(document, 1, limits, budget, label);
   // Safe now that the expanded size is bounded: shared (aliased) objects become copies, so
   // that editing one place can never change another.
-  return documents.filter((d) => d !== null && d !== undefined).map((d) => structuredClone(d));
+  return documents.filter((d) => d !== null && d !== undefined).map(copyTree);
+}
+
+/** A copy in which every alias is a separate object (structuredClone would keep them shared). */
+function copyTree(value: unknown): unknown {
+  if (Array.isArray(value)) return value.map(copyTree);
+  if (typeof value !== 'object' || value === null) return value;
+  return Object.fromEntries(Object.entries(value).map(([key, child]) => [key, copyTree(child)]));
 }
 
 function walkWithinBudget(

@@ -86,13 +86,18 @@ export async function readRegularFile(
   }
   try {
     const before = await handle.stat({ bigint: true });
+    // Refusals of what the descriptor shows name that version, so it is not read again.
+    const identity = identityOf(before);
     if (!before.isFile())
       throw new SourceFileRefusal(
         label,
         'not-a-regular-file',
         `is a ${describeType(before)}, not a regular file`,
+        {
+          identity,
+        },
       );
-    if (before.size > BigInt(maxBytes)) throw tooLarge(label, before.size, maxBytes);
+    if (before.size > BigInt(maxBytes)) throw tooLarge(label, before.size, maxBytes, identity);
     const chunks: Buffer[] = [];
     let total = 0;
     for (;;) {
@@ -104,17 +109,17 @@ export async function readRegularFile(
       chunks.push(chunk.subarray(0, bytesRead));
       total += bytesRead;
     }
-    if (total > maxBytes) throw tooLarge(label, BigInt(total), maxBytes);
+    if (total > maxBytes) throw tooLarge(label, BigInt(total), maxBytes, undefined);
     const after = await handle.stat({ bigint: true });
-    if (identityOf(after) !== identityOf(before))
+    if (identityOf(after) !== identity)
       throw new SourceFileRefusal(label, 'changed-while-reading', 'was written to while being read');
     let text: string;
     try {
       text = new TextDecoder('utf-8', { fatal: true }).decode(Buffer.concat(chunks, total));
     } catch (error) {
-      throw new SourceFileRefusal(label, 'syntax', 'is not UTF-8 text', { cause: error });
+      throw new SourceFileRefusal(label, 'syntax', 'is not UTF-8 text', { cause: error, identity });
     }
-    return { text, identity: identityOf(before) };
+    return { text, identity };
   } catch (error) {
     if (error instanceof SourceFileRefusal) throw error;
     throw new SourceFileRefusal(label, 'unreadable', `cannot read: ${String(error)}`, { cause: error });
@@ -123,8 +128,18 @@ export async function readRegularFile(
   }
 }
 
-function tooLarge(label: string, size: bigint, maxBytes: number): SourceFileRefusal {
-  return new SourceFileRefusal(label, 'too-large', `is ${size} bytes; the maximum is ${maxBytes} bytes`);
+function tooLarge(
+  label: string,
+  size: bigint,
+  maxBytes: number,
+  identity: FileIdentity | undefined,
+): SourceFileRefusal {
+  return new SourceFileRefusal(
+    label,
+    'too-large',
+    `is ${size} bytes; the maximum is ${maxBytes} bytes`,
+    identity === undefined ? {} : { identity },
+  );
 }
 
 function describeType(stats: BigIntStats): string {

@@ -126,7 +126,11 @@ export class SourceDirectoryReader {
     } catch (error) {
       if (!(error instanceof SourceFileRefusal)) throw error;
       // A file caught mid-write is read again next time, whatever its identity says.
-      this.#refuse(state, error.reason === 'changed-while-reading' ? undefined : identity, error);
+      this.#refuse(
+        state,
+        error.reason === 'changed-while-reading' ? undefined : (error.identity ?? identity),
+        error,
+      );
     }
     return state;
   }

@@ -27,11 +27,22 @@ export type RefusalReason = (typeof REFUSAL_REASONS)[number];
 export class SourceFileRefusal extends Error {
   readonly file: string;
   readonly reason: RefusalReason;
+  /** The version of the file refused, when it was seen (see read-regular-file.ts). */
+  readonly identity: string | undefined;
 
-  constructor(file: string, reason: RefusalReason, detail: string, options?: { cause?: unknown }) {
-    super(`${file}: ${reason}: ${detail}`, options);
+  constructor(
+    file: string,
+    reason: RefusalReason,
+    detail: string,
+    options?: { cause?: unknown; identity?: string },
+  ) {
+    super(
+      `${file}: ${reason}: ${detail}`,
+      options?.cause === undefined ? undefined : { cause: options.cause },
+    );
     this.name = 'SourceFileRefusal';
     this.file = file;
     this.reason = reason;
+    this.identity = options?.identity;
   }
 }
