@@ -36,7 +36,7 @@ export interface SourceFileReading {
 export interface SourceDirectoryReaderCounters {
   /** Files opened and read (each version at most once). */
   filesRead: number;
-  /** Versions refused, by reason. */
+  /** Versions refused, by reason (an unchanged refused file counts again after each resync). */
   refusals: Record<RefusalReason, number>;
 }
 

@@ -41,7 +41,8 @@ class LogCapture extends Writable {
   }
 }
 
-describe('DirectoryExportStore', () => {
+// Waits are for real file-system work: generous, so that a loaded machine is only slower.
+describe('DirectoryExportStore', { timeout: 60_000 }, () => {
   let root: string;
   let sourceDir: string;
   let statusDir: string;
@@ -122,7 +123,7 @@ describe('DirectoryExportStore', () => {
     await writeFile(join(sourceDir, 'b.yml'), doc('late'));
     await clock.advance(1_000);
     await waitFor('the new file to be read', () => store.get('backups/late'), {
-      timeoutMs: 10_000,
+      timeoutMs: 30_000,
       intervalMs: 20,
     });
     expect(changed).toContain('backups/late');
@@ -145,7 +146,7 @@ describe('DirectoryExportStore', () => {
     const deleting = await waitFor(
       'the deletionTimestamp',
       () => store.get('backups/one')?.metadata.deletionTimestamp,
-      { timeoutMs: 10_000, intervalMs: 20 },
+      { timeoutMs: 30_000, intervalMs: 20 },
     );
     expect(deleting).toBe('2026-01-01T00:00:02Z');
     expect(changed.filter((k) => k === 'backups/one').length).toBeGreaterThanOrEqual(2);
