@@ -2,22 +2,29 @@
  * Desired state from a directory of NbdExport YAML files, for plain hosts without
  * Kubernetes. Behaves like the API server where the engine can tell:
  *
- * - Each resource gets a UID, a creation time and a generation, kept in its status
- *   file (`<status-dir>/<namespace>_<name>.yaml`, the whole object with its status).
- *   The generation grows when the spec changes.
+ * - Each resource gets a UID, a creation time and a generation, kept in its status file
+ *   (see status-file-name.ts; the whole object with its status). The generation grows when
+ *   the spec changes.
  * - Finalizers work: when a document disappears from the directory while its status
  *   file carries our finalizer, the resource stays visible with a deletionTimestamp
  *   (and its last spec) until the engine has cleaned up and removed the finalizer.
- * - A file that does not parse is reported in the log and changes nothing: its
- *   resources keep their last known spec rather than being treated as deleted.
+ * - A resource counts as deleted only after readings of the directory have shown it
+ *   missing for the grace period. A file that is refused (does not parse, too large, not a
+ *   regular file, …) protects the resources it last defined: those of its last good version,
+ *   and those whose status file names it as their source (the annotation below), which is
+ *   how a file broken at start-up protects its own. It protects nothing else.
+ *
+ * The directory is written by people and tools, not by us: every file is read with bounds
+ * (read-regular-file.ts, parse-bounded-yaml.ts), and only when it changed.
  */
 import { randomUUID } from 'node:crypto';
 import { watch, type FSWatcher } from 'node:fs';
-import { mkdir, readdir, readFile, rename, rm, writeFile } from 'node:fs/promises';
+import { mkdir, readdir, rm } from 'node:fs/promises';
 import { join } from 'node:path';
-import { dump, loadAll } from 'js-yaml';
+import { dump } from 'js-yaml';
 import type { Logger } from 'pino';
 import { formatTime } from '../api/conditions.js';
+import { isValidNamespace, isValidObjectName } from '../api/object-name.js';
 import {
   API_GROUP_VERSION,
   FINALIZER,
@@ -28,6 +35,13 @@ import {
   type NbdExportStatus,
   type ResourceKey,
 } from '../api/types.js';
+import { removeTemporaryFiles, writeFileAtomic } from '../shared/atomic-file.js';
+import { systemClock, type Clock, type TimerHandle } from '../shared/clock.js';
+import { DEFAULT_YAML_LIMITS, parseBoundedYaml, type YamlLimits } from './parse-bounded-yaml.js';
+import { readRegularFile } from './read-regular-file.js';
+import { SourceDirectoryReader } from './source-directory-reader.js';
+import { REFUSAL_REASONS, SourceFileRefusal } from './source-file-refusal.js';
+import { isStatusFileName, statusFileName } from './status-file-name.js';
 
 export interface DirectoryExportStoreOptions {
   /** Directory of `*.yaml` / `*.yml` files, several documents per file allowed. */
@@ -37,40 +51,72 @@ export interface DirectoryExportStoreOptions {
   /** Only resources for this node are kept (a missing nodeName is kept, to report it). */
   nodeName: string;
   logger: Logger;
+  /** Timers, grace windows and timestamps. Default: the system clock. */
+  clock?: Clock;
   /** Rescan at least this often, in case a file-system event was missed. Default 1 s. */
   pollIntervalMs?: number;
   /** A resource must stay missing this long before it counts as deleted. Default 2 s. */
   deletionGraceMs?: number;
-  /** Every key is reported changed this often. Default 5 min. */
+  /** Every key is reported changed, and every file read again, this often. Default 5 min. */
   resyncIntervalMs?: number;
-  /** Injected so that tests control time. */
-  now?: () => Date;
+  /** Source and status files larger than this are refused unread. Default 1 MiB. */
+  maxFileBytes?: number;
+  /** Bounds on the YAML in each file. Default DEFAULT_YAML_LIMITS. */
+  yamlLimits?: YamlLimits;
+}
+
+/** The source file that last defined a resource, kept in its status file across restarts. */
+export const SOURCE_FILE_ANNOTATION = 'nbd.dev/source-file';
+
+/** One figure for /metrics, in the shape the health server takes. */
+export interface DirectorySourceMetric {
+  name: string;
+  help: string;
+  type: 'gauge' | 'counter';
+  value: number;
 }
 
 const DEFAULT_NAMESPACE = 'default';
-const NAME_PATTERN = /^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$/;
-const NAMESPACE_PATTERN = /^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$/;
+const DEFAULT_MAX_STATUS_FILE_BYTES = 1024 * 1024;
+/** What the previous implementation named its temporaries (`<file>.yaml.tmp-<pid>`). */
+const LEGACY_TEMPORARY_NAME = /\.yaml\.tmp-\d+$/;
 
 export class DirectoryExportStore {
   readonly #options: DirectoryExportStoreOptions;
   readonly #log: Logger;
-  readonly #now: () => Date;
+  readonly #clock: Clock;
+  readonly #reader: SourceDirectoryReader;
   readonly #objects = new Map<ResourceKey, NbdExport>();
   readonly #listeners: ((key: ResourceKey) => void)[] = [];
-  /** Last good parse of each source file, so a broken edit deletes nothing. */
-  readonly #lastGoodDocuments = new Map<string, unknown[]>();
-  /** When each resource was first found missing from the directory. */
+  /** When each resource was first found missing from the directory (clock.now()). */
   readonly #missingSince = new Map<ResourceKey, number>();
+  /** Writes to one resource (memory and file) happen one after another, in order. */
+  readonly #keyQueues = new Map<ResourceKey, Promise<void>>();
+  /** Problems reported by the previous scan: each is logged when it appears, not every second. */
+  #reportedProblems = new Set<string>();
   #watcher: FSWatcher | undefined;
-  #timers: NodeJS.Timeout[] = [];
-  #scanning: Promise<void> | undefined;
-  #rescanRequested = false;
+  /** undefined when not armed. */
+  #pollTimer: TimerHandle = undefined;
+  #resyncTimer: TimerHandle = undefined;
+  #confirmTimer: TimerHandle = undefined;
+  #running = false;
+  #currentScan: Promise<void> | undefined;
+  #nextScan: Promise<void> | undefined;
   #synced = false;
+  #startedAt: number | undefined;
+  #lastCompleteScanAt: number | undefined;
+  #refusedFiles = 0;
 
   constructor(options: DirectoryExportStoreOptions) {
     this.#options = options;
     this.#log = options.logger.child({ source: `dir:${options.sourceDir}` });
-    this.#now = options.now ?? (() => new Date());
+    this.#clock = options.clock ?? systemClock;
+    this.#reader = new SourceDirectoryReader({
+      dir: options.sourceDir,
+      log: this.#log,
+      ...(options.maxFileBytes === undefined ? {} : { maxFileBytes: options.maxFileBytes }),
+      ...(options.yamlLimits === undefined ? {} : { yamlLimits: options.yamlLimits }),
+    });
   }
 
   get synced(): boolean {
@@ -78,9 +124,12 @@ export class DirectoryExportStore {
   }
 
   async start(): Promise<void> {
+    this.#running = true;
+    this.#startedAt = this.#clock.now();
     await mkdir(this.#options.statusDir, { recursive: true });
+    await this.#removeLeftoverTemporaries();
     await this.#loadStatusFiles();
-    await this.#scan();
+    await this.scanNow();
     this.#synced = true;
     try {
       this.#watcher = watch(this.#options.sourceDir, () => this.#requestScan());
@@ -90,19 +139,19 @@ export class DirectoryExportStore {
     } catch (error) {
       this.#log.warn({ error: String(error) }, 'cannot watch the directory; polling only');
     }
-    this.#timers.push(setInterval(() => this.#requestScan(), this.#options.pollIntervalMs ?? 1_000));
-    this.#timers.push(
-      setInterval(() => {
-        for (const key of this.#objects.keys()) this.#notify(key);
-      }, this.#options.resyncIntervalMs ?? 300_000),
-    );
+    this.#armPoll();
+    this.#armResync();
   }
 
   async stop(): Promise<void> {
+    this.#running = false;
     this.#watcher?.close();
-    for (const timer of this.#timers) clearInterval(timer);
-    this.#timers = [];
-    await this.#scanning;
+    this.#watcher = undefined;
+    for (const timer of [this.#pollTimer, this.#resyncTimer, this.#confirmTimer])
+      if (timer !== undefined) this.#clock.clearTimeout(timer);
+    this.#pollTimer = this.#resyncTimer = this.#confirmTimer = undefined;
+    await this.#nextScan?.catch(() => undefined);
+    await this.#currentScan;
   }
 
   list(): NbdExport[] {
@@ -117,38 +166,37 @@ export class DirectoryExportStore {
     this.#listeners.push(listener);
   }
 
-  async updateStatus(key: ResourceKey, status: NbdExportStatus): Promise<void> {
-    const object = this.#objects.get(key);
-    if (!object || JSON.stringify(object.status ?? {}) === JSON.stringify(status)) return;
-    const next = { ...object, status };
-    await this.#persist(next);
-    this.#objects.set(key, next);
+  updateStatus(key: ResourceKey, status: NbdExportStatus): Promise<void> {
+    return this.#exclusive(key, async () => {
+      const object = this.#objects.get(key);
+      if (!object || JSON.stringify(object.status ?? {}) === JSON.stringify(status)) return;
+      await this.#store({ ...object, status });
+    });
   }
 
-  async addFinalizer(key: ResourceKey): Promise<void> {
-    const object = this.#objects.get(key);
-    if (!object || object.metadata.finalizers?.includes(FINALIZER)) return;
-    const next = {
-      ...object,
-      metadata: { ...object.metadata, finalizers: [...(object.metadata.finalizers ?? []), FINALIZER] },
-    };
-    await this.#persist(next);
-    this.#objects.set(key, next);
+  addFinalizer(key: ResourceKey): Promise<void> {
+    return this.#exclusive(key, async () => {
+      const object = this.#objects.get(key);
+      if (!object || object.metadata.finalizers?.includes(FINALIZER)) return;
+      await this.#store({
+        ...object,
+        metadata: { ...object.metadata, finalizers: [...(object.metadata.finalizers ?? []), FINALIZER] },
+      });
+    });
   }
 
   /** The last finalizer gone on a deleted resource: it disappears, status file and all. */
-  async removeFinalizer(key: ResourceKey): Promise<void> {
-    const object = this.#objects.get(key);
-    if (!object) return;
-    const finalizers = (object.metadata.finalizers ?? []).filter((f) => f !== FINALIZER);
-    if (object.metadata.deletionTimestamp !== undefined && finalizers.length === 0) {
-      await rm(this.#statusPath(object), { force: true });
-      this.#objects.delete(key);
-      return;
-    }
-    const next = { ...object, metadata: { ...object.metadata, finalizers } };
-    await this.#persist(next);
-    this.#objects.set(key, next);
+  removeFinalizer(key: ResourceKey): Promise<void> {
+    return this.#exclusive(key, async () => {
+      const object = this.#objects.get(key);
+      if (!object) return;
+      const finalizers = (object.metadata.finalizers ?? []).filter((f) => f !== FINALIZER);
+      if (object.metadata.deletionTimestamp !== undefined && finalizers.length === 0) {
+        await this.#forget(object);
+        return;
+      }
+      await this.#store({ ...object, metadata: { ...object.metadata, finalizers } });
+    });
   }
 
   async recordEvent(
@@ -161,129 +209,250 @@ export class DirectoryExportStore {
     return Promise.resolve();
   }
 
-  #requestScan(): void {
-    if (this.#scanning) {
-      this.#rescanRequested = true;
-      return;
-    }
-    this.#scanning = this.#scan()
-      .catch((error: unknown) => this.#log.error({ error: String(error) }, 'scan failed'))
-      .finally(() => {
-        this.#scanning = undefined;
-        if (this.#rescanRequested) {
-          this.#rescanRequested = false;
-          this.#requestScan();
-        }
+  /**
+   * Reads the directory now (after any scan already running) and applies what it finds.
+   * Resolves when a scan that started after this call has finished; rejects if the
+   * directory could not be listed. File-system events and the poll timer call it too.
+   */
+  scanNow(): Promise<void> {
+    this.#nextScan ??= (this.#currentScan ?? Promise.resolve()).then(() => {
+      this.#nextScan = undefined;
+      const scan = this.#scan();
+      const settled = scan.then(
+        () => undefined,
+        () => undefined,
+      );
+      this.#currentScan = settled;
+      void settled.then(() => {
+        if (this.#currentScan === settled) this.#currentScan = undefined;
       });
+      return scan;
+    });
+    return this.#nextScan;
   }
 
-  /** Status files are the store's memory: UIDs, generations, finalizers and status. */
-  async #loadStatusFiles(): Promise<void> {
-    for (const name of await readdir(this.#options.statusDir)) {
-      if (/\.yaml\.tmp-\d+$/.test(name)) {
-        // A write the last run did not live to finish: the file it was replacing is intact.
+  /**
+   * Figures worth watching, in the health server's /metrics shape: files read (each
+   * version once), refusals by reason, files currently refused, and the seconds since the
+   * last complete scan (the directory listed and every file usable; since start if none).
+   */
+  metrics(): DirectorySourceMetric[] {
+    const { filesRead, refusals } = this.#reader.counters;
+    const since = this.#lastCompleteScanAt ?? this.#startedAt;
+    return [
+      {
+        name: 'nbdx_source_files_read_total',
+        help: 'Source files opened, read and parsed (each version of a file once)',
+        type: 'counter',
+        value: filesRead,
+      },
+      ...REFUSAL_REASONS.map((reason) => ({
+        name: `nbdx_source_refused_${reason.replaceAll('-', '_')}_total`,
+        help: `Source file versions refused: ${reason}`,
+        type: 'counter' as const,
+        value: refusals[reason],
+      })),
+      {
+        name: 'nbdx_source_files_refused',
+        help: 'Source files whose current version is refused (they protect their last good resources)',
+        type: 'gauge',
+        value: this.#refusedFiles,
+      },
+      {
+        name: 'nbdx_source_seconds_since_complete_scan',
+        help: 'Seconds since the directory was last read with every file usable',
+        type: 'gauge',
+        value: since === undefined ? 0 : (this.#clock.now() - since) / 1000,
+      },
+    ];
+  }
+
+  #requestScan(): void {
+    if (!this.#running) return;
+    this.scanNow().catch((error: unknown) =>
+      this.#log.error({ error: String(error) }, 'scan failed; nothing was decided from it'),
+    );
+  }
+
+  #armPoll(): void {
+    if (!this.#running) return;
+    this.#pollTimer = this.#clock.setTimeout(() => {
+      this.#pollTimer = undefined;
+      // Re-armed only once the scan is over, so that slow scans never pile up.
+      this.scanNow()
+        .catch((error: unknown) =>
+          this.#log.error({ error: String(error) }, 'scan failed; nothing was decided from it'),
+        )
+        .finally(() => this.#armPoll());
+    }, this.#options.pollIntervalMs ?? 1_000);
+  }
+
+  #armResync(): void {
+    if (!this.#running) return;
+    this.#resyncTimer = this.#clock.setTimeout(() => {
+      // Timestamps can be coarser than two quick writes of the same size: read everything
+      // once in a while rather than trust the identity forever.
+      this.#reader.forgetIdentities();
+      for (const key of this.#objects.keys()) this.#notify(key);
+      this.#armResync();
+    }, this.#options.resyncIntervalMs ?? 300_000);
+  }
+
+  /** Another scan when the earliest absence being confirmed has lasted the grace period. */
+  #armConfirmation(delayMs: number | undefined): void {
+    if (this.#confirmTimer !== undefined) this.#clock.clearTimeout(this.#confirmTimer);
+    this.#confirmTimer = undefined;
+    if (delayMs === undefined || !this.#running) return;
+    this.#confirmTimer = this.#clock.setTimeout(() => {
+      this.#confirmTimer = undefined;
+      this.#requestScan();
+    }, delayMs);
+  }
+
+  async #removeLeftoverTemporaries(): Promise<void> {
+    // A write the last run did not live to finish: the file it was replacing is intact.
+    const removed = await removeTemporaryFiles(this.#options.statusDir);
+    for (const name of await readdir(this.#options.statusDir))
+      if (LEGACY_TEMPORARY_NAME.test(name)) {
         await rm(join(this.#options.statusDir, name), { force: true });
-        continue;
+        removed.push(name);
       }
-      if (!name.endsWith('.yaml')) continue;
+    if (removed.length > 0) this.#log.info({ files: removed }, 'removed unfinished status writes');
+  }
+
+  /**
+   * Status files are the store's memory: UIDs, generations, finalizers and status. Any
+   * `*.yaml` is accepted whatever its name (the readable form, the hashed form, or one an
+   * earlier version wrote); one not under its current name is moved there.
+   */
+  async #loadStatusFiles(): Promise<void> {
+    const statusDir = this.#options.statusDir;
+    const found = new Map<ResourceKey, { fileName: string; object: NbdExport }[]>();
+    for (const fileName of (await readdir(statusDir)).filter(isStatusFileName).sort()) {
       try {
-        const [object] = loadAll(await readFile(join(this.#options.statusDir, name), 'utf8'));
-        if (isNbdExport(object)) this.#objects.set(keyOf(object.metadata), object);
+        const { text } = await readRegularFile(
+          join(statusDir, fileName),
+          fileName,
+          this.#options.maxFileBytes ?? DEFAULT_MAX_STATUS_FILE_BYTES,
+        );
+        const [object] = parseBoundedYaml(text, fileName, this.#options.yamlLimits ?? DEFAULT_YAML_LIMITS);
+        if (!isStoredNbdExport(object)) {
+          this.#log.warn({ file: fileName }, 'ignoring a status file that holds no valid NbdExport');
+          continue;
+        }
+        const key = keyOf(object.metadata);
+        found.set(key, [...(found.get(key) ?? []), { fileName, object }]);
       } catch (error) {
-        this.#log.warn({ file: name, error: String(error) }, 'ignoring unreadable status file');
+        const detail = error instanceof SourceFileRefusal ? error.message : String(error);
+        this.#log.warn({ file: fileName, error: detail }, 'ignoring unreadable status file');
       }
+    }
+    for (const [key, copies] of found) {
+      const canonical = statusFileName(copies[0]!.object.metadata.namespace, copies[0]!.object.metadata.name);
+      const chosen = copies.find((c) => c.fileName === canonical) ?? copies[0]!;
+      this.#objects.set(key, chosen.object);
+      if (chosen.fileName !== canonical) await this.#persist(chosen.object);
+      for (const copy of copies)
+        if (copy.fileName !== canonical) {
+          this.#log.info(
+            { key, from: copy.fileName, to: canonical },
+            'status file moved to its current name',
+          );
+          await rm(join(statusDir, copy.fileName), { force: true });
+        }
     }
   }
 
   async #scan(): Promise<void> {
-    const { documents, complete } = await this.#readSourceDocuments();
+    const readings = await this.#reader.read();
+    const problems = new Set<string>();
+    const report = (problem: string, log: () => void) => {
+      problems.add(problem);
+      if (!this.#reportedProblems.has(problem)) log();
+    };
     const seen = new Set<ResourceKey>();
-    for (const { file, document } of documents) {
-      const parsed = this.#toResource(file, document);
-      if (!parsed) continue;
-      const key = keyOf(parsed.metadata);
-      if (seen.has(key)) {
-        this.#log.warn({ key, file }, 'resource defined twice; the first definition wins');
-        continue;
+    const refusedFiles = new Set<string>();
+    for (const { file, documents, refusal } of readings) {
+      if (refusal) refusedFiles.add(file);
+      for (const document of documents) {
+        const parsed = this.#toResource(file, document, report);
+        if (!parsed) continue;
+        const key = keyOf(parsed.metadata);
+        if (seen.has(key)) {
+          report(`twice:${key}:${file}`, () =>
+            this.#log.warn({ key, file }, 'resource defined twice; the first definition wins'),
+          );
+          continue;
+        }
+        seen.add(key);
+        if (typeof parsed.spec.nodeName === 'string' && parsed.spec.nodeName !== this.#options.nodeName) {
+          // As on Kubernetes, nodeName cannot change: a resource of this node that now names
+          // another one keeps its last spec here (and is not deleted) until it is removed.
+          if (this.#objects.has(key))
+            report(`node:${key}`, () =>
+              this.#log.error(
+                { key, file },
+                'spec.nodeName cannot change; keeping the last spec for this node',
+              ),
+            );
+          continue;
+        }
+        await this.#upsert(key, parsed, file);
       }
-      seen.add(key);
-      if (typeof parsed.spec.nodeName === 'string' && parsed.spec.nodeName !== this.#options.nodeName) {
-        // As on Kubernetes, nodeName cannot change: a resource of this node that now names
-        // another one keeps its last spec here (and is not deleted) until it is removed.
-        if (this.#objects.has(key))
-          this.#log.error({ key, file }, 'spec.nodeName cannot change; keeping the last spec for this node');
-        continue;
-      }
-      await this.#upsert(key, parsed);
     }
-    // Deletion is decided only from a complete reading, and only for a resource missing for
-    // a while: a file that does not parse, or one caught half-written, deletes nothing.
-    const now = Date.now();
-    for (const [key, object] of this.#objects) {
-      if (seen.has(key) || object.metadata.deletionTimestamp !== undefined || !complete) {
+    this.#reportedProblems = problems;
+    this.#refusedFiles = refusedFiles.size;
+    const now = this.#clock.now();
+    if (refusedFiles.size === 0) this.#lastCompleteScanAt = now;
+
+    // Deletion needs the resource missing for the whole grace period, and not protected
+    // by a refused file that may still define it.
+    const graceMs = this.#options.deletionGraceMs ?? 2_000;
+    let nextConfirmationMs: number | undefined;
+    for (const [key, object] of [...this.#objects]) {
+      if (
+        seen.has(key) ||
+        object.metadata.deletionTimestamp !== undefined ||
+        isProtected(object, refusedFiles)
+      ) {
         this.#missingSince.delete(key);
         continue;
       }
       const since = this.#missingSince.get(key) ?? now;
       this.#missingSince.set(key, since);
-      if (now - since < (this.#options.deletionGraceMs ?? 2_000)) {
-        this.#requestScanSoon();
+      const remainingMs = since + graceMs - now;
+      if (remainingMs > 0) {
+        nextConfirmationMs = Math.min(nextConfirmationMs ?? remainingMs, remainingMs);
         continue;
       }
       this.#missingSince.delete(key);
+      await this.#markDeleted(key);
+    }
+    this.#armConfirmation(nextConfirmationMs);
+  }
+
+  /** A resource gone from the directory: deleted like on Kubernetes (finalizers honoured). */
+  #markDeleted(key: ResourceKey): Promise<void> {
+    return this.#exclusive(key, async () => {
+      const object = this.#objects.get(key);
+      if (!object || object.metadata.deletionTimestamp !== undefined) return;
       if (object.metadata.finalizers?.length) {
-        const next = {
+        await this.#store({
           ...object,
-          metadata: { ...object.metadata, deletionTimestamp: formatTime(this.#now()) },
-        };
-        await this.#persist(next);
-        this.#objects.set(key, next);
+          metadata: { ...object.metadata, deletionTimestamp: formatTime(this.#clock.date()) },
+        });
       } else {
-        await rm(this.#statusPath(object), { force: true });
-        this.#objects.delete(key);
+        await this.#forget(object);
       }
       this.#notify(key);
-    }
+    });
   }
 
-  /** Another look soon, for a resource whose absence is being confirmed. */
-  #requestScanSoon(): void {
-    if (this.#timers.length === 0) return; // not started yet, or stopped
-    setTimeout(() => this.#requestScan(), 500).unref();
-  }
-
-  async #readSourceDocuments(): Promise<{
-    documents: { file: string; document: unknown }[];
-    complete: boolean;
-  }> {
-    const files = (await readdir(this.#options.sourceDir))
-      .filter((n) => /\.ya?ml$/.test(n) && !n.startsWith('.'))
-      .sort();
-    const result: { file: string; document: unknown }[] = [];
-    let complete = true;
-    for (const file of files) {
-      let documents: unknown[];
-      try {
-        documents = loadAll(await readFile(join(this.#options.sourceDir, file), 'utf8'));
-        this.#lastGoodDocuments.set(file, documents);
-      } catch (error) {
-        const kept = this.#lastGoodDocuments.get(file);
-        this.#log.error(
-          { file, error: error instanceof Error ? error.message.split('\n')[0] : String(error) },
-          kept ? 'file does not parse; keeping its last good contents' : 'file does not parse; ignored',
-        );
-        documents = kept ?? [];
-        if (!kept) complete = false;
-      }
-      for (const document of documents)
-        if (document !== null && document !== undefined) result.push({ file, document });
-    }
-    for (const file of this.#lastGoodDocuments.keys())
-      if (!files.includes(file)) this.#lastGoodDocuments.delete(file);
-    return { documents: result, complete };
-  }
-
-  #toResource(file: string, document: unknown): NbdExport | undefined {
+  #toResource(
+    file: string,
+    document: unknown,
+    report: (problem: string, log: () => void) => void,
+  ): NbdExport | undefined {
     if (typeof document !== 'object' || document === null) return undefined;
     const doc = document as Record<string, unknown>;
     if (doc['kind'] !== KIND) return undefined;
@@ -291,21 +460,20 @@ export class DirectoryExportStore {
     const name = metadata['name'];
     const namespace = metadata['namespace'] ?? DEFAULT_NAMESPACE;
     if (doc['apiVersion'] !== API_GROUP_VERSION) {
-      this.#log.error(
-        { file, apiVersion: doc['apiVersion'] },
-        `NbdExport must have apiVersion ${API_GROUP_VERSION}`,
+      report(`apiVersion:${JSON.stringify([file, name])}`, () =>
+        this.#log.error(
+          { file, name, apiVersion: doc['apiVersion'] },
+          `NbdExport must have apiVersion ${API_GROUP_VERSION}`,
+        ),
       );
       return undefined;
     }
-    if (
-      typeof name !== 'string' ||
-      !NAME_PATTERN.test(name) ||
-      typeof namespace !== 'string' ||
-      !NAMESPACE_PATTERN.test(namespace)
-    ) {
-      this.#log.error(
-        { file, name, namespace },
-        'NbdExport needs a valid metadata.name (and namespace, if given)',
+    if (!isValidObjectName(name) || !isValidNamespace(namespace)) {
+      report(`name:${JSON.stringify([file, namespace, name])}`, () =>
+        this.#log.error(
+          { file, name, namespace },
+          'NbdExport needs a valid metadata.name (and namespace, if given)',
+        ),
       );
       return undefined;
     }
@@ -321,44 +489,71 @@ export class DirectoryExportStore {
     };
   }
 
-  async #upsert(key: ResourceKey, incoming: NbdExport): Promise<void> {
-    const existing = this.#objects.get(key);
-    if (existing && existing.metadata.deletionTimestamp === undefined) {
-      if (JSON.stringify(existing.spec) === JSON.stringify(incoming.spec)) return;
-      const next: NbdExport = {
-        ...existing,
-        metadata: { ...existing.metadata, generation: (existing.metadata.generation ?? 1) + 1 },
-        spec: incoming.spec,
-      };
-      await this.#persist(next);
-      this.#objects.set(key, next);
+  #upsert(key: ResourceKey, incoming: NbdExport, file: string): Promise<void> {
+    return this.#exclusive(key, async () => {
+      const existing = this.#objects.get(key);
+      if (existing && existing.metadata.deletionTimestamp === undefined) {
+        const specChanged = JSON.stringify(existing.spec) !== JSON.stringify(incoming.spec);
+        if (!specChanged && sourceFileOf(existing) === file) return;
+        await this.#store({
+          ...existing,
+          metadata: {
+            ...existing.metadata,
+            annotations: { ...existing.metadata.annotations, [SOURCE_FILE_ANNOTATION]: file },
+            ...(specChanged ? { generation: (existing.metadata.generation ?? 1) + 1 } : {}),
+          },
+          spec: incoming.spec,
+        });
+        if (specChanged) this.#notify(key);
+        return;
+      }
+      if (existing) return; // being deleted: a document with the same name waits for cleanup to finish
+      await this.#store({
+        ...incoming,
+        metadata: {
+          ...incoming.metadata,
+          annotations: { [SOURCE_FILE_ANNOTATION]: file },
+          uid: randomUUID(),
+          generation: 1,
+          creationTimestamp: formatTime(this.#clock.date()),
+        },
+      });
       this.#notify(key);
-      return;
-    }
-    if (existing) return; // being deleted: a document with the same name waits for cleanup to finish
-    const created: NbdExport = {
-      ...incoming,
-      metadata: {
-        ...incoming.metadata,
-        uid: randomUUID(),
-        generation: 1,
-        creationTimestamp: formatTime(this.#now()),
-      },
-    };
-    await this.#persist(created);
-    this.#objects.set(key, created);
-    this.#notify(key);
+    });
+  }
+
+  /** Runs `change` after every earlier change of the same resource has finished. */
+  #exclusive(key: ResourceKey, change: () => Promise<void>): Promise<void> {
+    const previous = this.#keyQueues.get(key) ?? Promise.resolve();
+    const result = previous.then(change);
+    const settled = result.then(
+      () => undefined,
+      () => undefined,
+    );
+    this.#keyQueues.set(key, settled);
+    void settled.then(() => {
+      if (this.#keyQueues.get(key) === settled) this.#keyQueues.delete(key);
+    });
+    return result;
+  }
+
+  /** Writes the object's status file, then makes it the current one. */
+  async #store(object: NbdExport): Promise<void> {
+    await this.#persist(object);
+    this.#objects.set(keyOf(object.metadata), object);
   }
 
   async #persist(object: NbdExport): Promise<void> {
-    const path = this.#statusPath(object);
-    const temporary = `${path}.tmp-${process.pid}`;
-    await writeFile(temporary, dump(object, { lineWidth: 120, noRefs: true }), { mode: 0o644 });
-    await rename(temporary, path);
+    await writeFileAtomic(this.#statusPath(object), dump(object, { lineWidth: 120, noRefs: true }));
+  }
+
+  async #forget(object: NbdExport): Promise<void> {
+    await rm(this.#statusPath(object), { force: true });
+    this.#objects.delete(keyOf(object.metadata));
   }
 
   #statusPath(object: NbdExport): string {
-    return join(this.#options.statusDir, `${object.metadata.namespace}_${object.metadata.name}.yaml`);
+    return join(this.#options.statusDir, statusFileName(object.metadata.namespace, object.metadata.name));
   }
 
   #notify(key: ResourceKey): void {
@@ -366,12 +561,31 @@ export class DirectoryExportStore {
   }
 }
 
-function isNbdExport(value: unknown): value is NbdExport {
+function sourceFileOf(object: NbdExport): string | undefined {
+  return object.metadata.annotations?.[SOURCE_FILE_ANNOTATION];
+}
+
+/**
+ * Whether a refused file may still define this resource: the file it last came from is
+ * refused now, or it has no recorded source file (written by an earlier version) and some
+ * file is refused.
+ */
+function isProtected(object: NbdExport, refusedFiles: ReadonlySet<string>): boolean {
+  const source = sourceFileOf(object);
+  return source === undefined ? refusedFiles.size > 0 : refusedFiles.has(source);
+}
+
+function isStoredNbdExport(value: unknown): value is NbdExport {
   const v = value as NbdExport | undefined;
   return (
-    typeof v?.metadata?.name === 'string' &&
-    typeof v.metadata.namespace === 'string' &&
-    typeof v.spec === 'object'
+    typeof v === 'object' &&
+    v !== null &&
+    typeof v.metadata === 'object' &&
+    v.metadata !== null &&
+    isValidObjectName(v.metadata.name) &&
+    isValidNamespace(v.metadata.namespace) &&
+    typeof v.spec === 'object' &&
+    v.spec !== null
   );
 }
 
