@@ -54,6 +54,12 @@ export async function runController(options: RunOptions): Promise<void> {
     }
     stopping = true;
     logger.info({ signal }, 'stopping; the servers keep serving');
+    // A step wedged beyond every deadline (say, a file system that hangs) must not hold the
+    // process past its grace period: the servers keep serving either way.
+    setTimeout(() => {
+      logger.warn({ timeoutMs: options.shutdownTimeoutMs }, 'stop took too long: exiting now');
+      process.exit(1);
+    }, options.shutdownTimeoutMs).unref();
     void (async () => {
       await controller.stop();
       await services.detach();

@@ -24,6 +24,8 @@ export interface RunOptions {
   healthAddress: string;
   rawServer: ServerKind;
   concurrency: number;
+  /** SIGTERM ends the process within this long, whatever is still running (a wedged step). */
+  shutdownTimeoutMs: number;
   logLevel: string;
 }
 
@@ -43,6 +45,7 @@ export const RUN_USAGE = `usage: nbd-export-controller run [flags]
   --health-address ADDR        address of the health server (default 0.0.0.0)
   --raw-server KIND            who serves raw files and devices: nbd-server or qemu-storage-daemon (default nbd-server)
   --concurrency N              reconciles at once (default 4)
+  --shutdown-timeout SECONDS   a stop signal ends the process within this long (default 20; the pod's grace is 60)
   --log-level LEVEL            pino level (default info)`;
 
 export function parseRunOptions(argv: string[]): RunOptions {
@@ -65,6 +68,7 @@ export function parseRunOptions(argv: string[]): RunOptions {
       'health-address': { type: 'string', default: '0.0.0.0' },
       'raw-server': { type: 'string', default: 'nbd-server' },
       concurrency: { type: 'string', default: '4' },
+      'shutdown-timeout': { type: 'string', default: '20' },
       'log-level': { type: 'string', default: 'info' },
     },
   });
@@ -106,6 +110,7 @@ export function parseRunOptions(argv: string[]): RunOptions {
     healthAddress: values['health-address'],
     rawServer,
     concurrency: positive('--concurrency', values.concurrency),
+    shutdownTimeoutMs: 1000 * positive('--shutdown-timeout', values['shutdown-timeout']),
     logLevel: values['log-level'],
   };
 }
