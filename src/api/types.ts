@@ -74,6 +74,39 @@ export interface Condition {
   lastTransitionTime: string;
 }
 
+/** Asks for a verification of the seal: any new value starts one (a restore's id, a date). */
+export const VERIFY_SEAL_ANNOTATION = 'nbd.dev/verify-seal';
+
+/**
+ * A checksum of the guest-visible data of a read-only export, read through its server as a
+ * client reads it, computed once the export is read-only and Ready.
+ */
+export interface IntegritySeal {
+  state: 'Computing' | 'Sealed' | 'Failed';
+  /** The resource generation it describes; a spec change seals again. */
+  generation: number;
+  algorithm: 'sha256';
+  /** Hex digest of every byte the export serves, when Sealed. */
+  digest?: string;
+  bytes?: number;
+  /** While Computing. */
+  progressPercent?: number;
+  sealedAt?: string;
+  /** Why it Failed. */
+  message?: string;
+}
+
+/** The last verification asked for with the verify-seal annotation. */
+export interface SealVerification {
+  /** The annotation's value it answers. */
+  token: string;
+  state: 'Verifying' | 'Match' | 'Mismatch' | 'Failed';
+  progressPercent?: number;
+  digest?: string;
+  verifiedAt?: string;
+  message?: string;
+}
+
 export interface NbdExportStatus {
   observedGeneration?: number;
   exportName?: string;
@@ -83,6 +116,8 @@ export interface NbdExportStatus {
   virtualSize?: number;
   actualSize?: number;
   backingChain?: string[];
+  seal?: IntegritySeal;
+  verification?: SealVerification;
   conditions?: Condition[];
 }
 

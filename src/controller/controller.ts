@@ -66,6 +66,7 @@ export class Controller {
     // A hand-over restart changes what several resources see; the queue dedupes, so every
     // resource is simply looked at again (those waiting on the restart become Ready).
     services.nbdServer.onApplied(() => this.#enqueueAll());
+    services.checksums.onChange((key) => this.#queue.add(key));
     store.onChange((key) => this.#queue.add(key));
     await store.start();
     logger.info({ resources: store.list().length }, 'source synced');

@@ -8,6 +8,7 @@ import { pino, type Logger } from 'pino';
 import { probeExport } from '../node/nbd-probe.js';
 import { NbdServerSupervisor } from '../node/nbd-server/nbd-server-supervisor.js';
 import { OwnershipLedger } from '../node/ownership-ledger.js';
+import { ChecksumJobs } from '../node/checksum-jobs.js';
 import { createImage, inspectImage, probeImageLock, removeStaleTemporaryImages } from '../node/qemu-img.js';
 import { QemuStorageDaemon } from '../node/qemu-storage-daemon/qemu-storage-daemon.js';
 import { resolvePath } from '../node/resolve-path.js';
@@ -47,10 +48,12 @@ export async function createNodeServices(options: NodeServicesOptions): Promise<
   });
   await Promise.all([nbdServer.start(), qemu.start()]);
 
+  const checksums = new ChecksumJobs({ logger });
   return {
     ledger,
     nbdServer,
     qemu,
+    checksums,
     images: {
       inspect: (path, { forceShare, format }) =>
         inspectImage(path, { forceShare, ...(format ? { format } : {}) }),
@@ -75,6 +78,7 @@ export async function createNodeServices(options: NodeServicesOptions): Promise<
     resolvePath,
     probe: probeExport,
     async detach() {
+      checksums.stop();
       await Promise.all([nbdServer.detach(), qemu.detach()]);
     },
     serverMetrics() {

@@ -4,7 +4,13 @@
  * unit tests may fake them here, at the boundary.
  */
 import type { ExportConfig } from '../api/export-config.js';
-import type { ImageInfo, LockObservation, PathObservation } from '../plan/observed-state.js';
+import type {
+  ChecksumJob,
+  ChecksumRequest,
+  ImageInfo,
+  LockObservation,
+  PathObservation,
+} from '../plan/observed-state.js';
 import type { Action } from '../plan/actions.js';
 import type { OwnershipLedger } from '../node/ownership-ledger.js';
 import type { ProbeResult, ProbeTarget } from '../node/nbd-probe.js';
@@ -47,11 +53,20 @@ export interface ImageTools {
   remove(path: string, inode: number | undefined): Promise<'deleted' | 'replaced' | 'missing'>;
 }
 
+/** Background checksums of what exports serve (src/node/checksum-jobs.ts). */
+export interface ChecksumControl {
+  start(key: string, request: ChecksumRequest, uri: string): void;
+  get(key: string): ChecksumJob | undefined;
+  forget(key: string): void;
+  onChange(listener: (key: string) => void): void;
+}
+
 export interface NodeServices {
   nbdServer: NbdServerControl;
   qemu: QemuServerControl;
   images: ImageTools;
   ledger: OwnershipLedger;
+  checksums: ChecksumControl;
   resolvePath(path: string): Promise<PathObservation>;
   probe(target: ProbeTarget): Promise<ProbeResult>;
 }

@@ -4,7 +4,7 @@
  * that does not validate, no lock probe for an image our own qemu-storage-daemon holds).
  */
 import { fingerprintOf } from '../api/export-config.js';
-import type { NbdExport, ServerKind } from '../api/types.js';
+import { keyOf, type NbdExport, type ServerKind } from '../api/types.js';
 import type { DesiredExport, InvalidExport } from '../plan/desired-export.js';
 import type {
   ConflictObservation,
@@ -37,8 +37,10 @@ export async function observeExport(
     stale: !deleting && server === 'nbd-server',
   });
 
+  const checksum = services.checksums.get(keyOf(resource.metadata));
   const observed: ObservedExport = {
     ...(ledger ? { ledger } : {}),
+    ...(checksum ? { checksum } : {}),
     ...(context.conflict ? { conflict: context.conflict } : {}),
     ...(context.probe ? { probe: context.probe } : {}),
   };

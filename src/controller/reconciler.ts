@@ -7,6 +7,7 @@ import {
   type NbdExport,
   type NbdExportStatus,
   type ResourceKey,
+  type ServerKind,
 } from '../api/types.js';
 import type { Action } from '../plan/actions.js';
 import { decideConflicts, type Claim } from '../plan/conflicts.js';
@@ -134,6 +135,15 @@ export class Reconciler {
     return claims.filter((c) => c !== undefined);
   }
 
+  /** Where this node's own clients (the checksum reader) reach an export. */
+  #localUri(server: ServerKind, exportName: string): string {
+    const host = this.#policy.probeHost.includes(':')
+      ? `[${this.#policy.probeHost}]`
+      : this.#policy.probeHost;
+    const port = server === 'nbd-server' ? this.#policy.nbdServerPort : this.#policy.qemuPort;
+    return `nbd://${host}:${port}/${exportName}`;
+  }
+
   #probeOf(key: ResourceKey): ProbeObservation | undefined {
     const probe = this.#probes.get(key);
     if (!probe) return undefined;
@@ -171,6 +181,7 @@ export class Reconciler {
         case 'removeFinalizer':
           await this.#store.removeFinalizer(key);
           this.#probes.delete(key);
+          this.#services.checksums.forget(key);
           log.info('cleanup finished; finalizer removed');
           return 'gone';
         case 'recordOwnership':
@@ -253,6 +264,14 @@ export class Reconciler {
         case 'removeQemuExport':
           await qemu.removeExport(action.exportName, { force: action.force });
           log.info({ export: action.exportName, force: action.force }, 'qemu-storage-daemon export removed');
+          break;
+        case 'startChecksum':
+          this.#services.checksums.start(
+            key,
+            action.request,
+            this.#localUri(action.server, action.exportName),
+          );
+          log.info({ checksum: action.request.kind }, 'checksum of the export started');
           break;
         case 'probe': {
           const port = action.server === 'nbd-server' ? this.#policy.nbdServerPort : this.#policy.qemuPort;

@@ -1,4 +1,5 @@
 import type { ExportConfig } from '../api/export-config.js';
+import type { ChecksumRequest } from './observed-state.js';
 import type { ImageFormat, Preallocation, ServerKind } from '../api/types.js';
 
 /** What the planner asks the edges to do. Each is idempotent; order matters. */
@@ -31,6 +32,8 @@ export type Action =
   | { kind: 'disconnectNbdServerClients'; exportName: string }
   | { kind: 'addQemuExport'; config: ExportConfig }
   | { kind: 'removeQemuExport'; exportName: string; force: boolean }
-  | { kind: 'probe'; server: ServerKind; exportName: string; fingerprint: string; expectedSize: number };
+  | { kind: 'probe'; server: ServerKind; exportName: string; fingerprint: string; expectedSize: number }
+  /** Reads the export through its server in the background and hashes it (seal or verify). */
+  | { kind: 'startChecksum'; server: ServerKind; exportName: string; request: ChecksumRequest };
 
 export type ActionKind = Action['kind'];

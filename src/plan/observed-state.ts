@@ -58,6 +58,24 @@ export interface ProbeObservation {
   ageMs: number;
 }
 
+/** A checksum of what an export serves, read through the server: seal it, or verify a seal. */
+export interface ChecksumRequest {
+  kind: 'seal' | 'verify';
+  /** The resource generation it is for: a seal describes the export of that spec. */
+  generation: number;
+  /** The bytes the export serves (its virtual size): a read that ends short failed. */
+  totalBytes: number;
+  /** verify only: the token of the request (the annotation's value). */
+  token?: string;
+}
+
+export type ChecksumJob = ChecksumRequest &
+  (
+    | { state: 'running'; bytesRead: number }
+    | { state: 'done'; digest: string; bytesRead: number; completedAt: string }
+    | { state: 'failed'; message: string; bytesRead: number; completedAt: string }
+  );
+
 /** An action of the previous step threw. */
 export interface ExecutionFailure {
   action: ActionKind;
@@ -103,6 +121,8 @@ export interface ObservedExport {
   writersElsewhere?: { realPath: string; key: string }[];
   /** What an executor learned in this run: a gentle qemu export removal refused (a client is connected). */
   removalBlocked?: string;
+  /** The checksum job of this resource, running or finished, if it asked for one. */
+  checksum?: ChecksumJob;
   /** What an executor learned in this run: the last step's action threw. */
   executionFailure?: ExecutionFailure;
 }

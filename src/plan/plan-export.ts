@@ -19,6 +19,7 @@ import {
 } from '../api/types.js';
 import type { Action, ActionKind } from './actions.js';
 import type { DesiredExport, InvalidExport } from './desired-export.js';
+import { planSeal } from './plan-seal.js';
 import { isInsideAnyRoot, matchesDevicePattern, type NodePolicy } from './node-policy.js';
 import type { ExecutionFailure, ImageInfo, ObservedExport, ProbeObservation } from './observed-state.js';
 
@@ -58,7 +59,10 @@ export const PROBE_RETRY_MS = 2_000;
 
 /** The plan, and the events that go with the status it sets. */
 export function planExport(input: PlanInput): ExportPlan & { events: ExportEvent[] } {
-  const plan = retireWhenRefused(holdWhileClientConnected(planNextStep(input), input.observed), input);
+  const plan = planSeal(
+    retireWhenRefused(holdWhileClientConnected(planNextStep(input), input.observed), input),
+    input,
+  );
   return { ...plan, events: eventsFor(input.resource, plan) };
 }
 

@@ -484,6 +484,7 @@ export class DirectoryExportStore {
         name,
         namespace,
         ...(isStringMap(metadata['labels']) ? { labels: metadata['labels'] } : {}),
+        ...(isStringMap(metadata['annotations']) ? { annotations: metadata['annotations'] } : {}),
       },
       spec: (doc['spec'] ?? {}) as NbdExportSpec,
     };
@@ -494,17 +495,22 @@ export class DirectoryExportStore {
       const existing = this.#objects.get(key);
       if (existing && existing.metadata.deletionTimestamp === undefined) {
         const specChanged = JSON.stringify(existing.spec) !== JSON.stringify(incoming.spec);
-        if (!specChanged && sourceFileOf(existing) === file) return;
+        // Annotations are the user's too (nbd.dev/verify-seal asks for work): a change of
+        // them is a change of the resource, but, as on Kubernetes, not of its generation.
+        const annotations = { ...incoming.metadata.annotations, [SOURCE_FILE_ANNOTATION]: file };
+        const annotationsChanged =
+          JSON.stringify(existing.metadata.annotations ?? {}) !== JSON.stringify(annotations);
+        if (!specChanged && !annotationsChanged) return;
         await this.#store({
           ...existing,
           metadata: {
             ...existing.metadata,
-            annotations: { ...existing.metadata.annotations, [SOURCE_FILE_ANNOTATION]: file },
+            annotations,
             ...(specChanged ? { generation: (existing.metadata.generation ?? 1) + 1 } : {}),
           },
           spec: incoming.spec,
         });
-        if (specChanged) this.#notify(key);
+        if (specChanged || annotationsChanged) this.#notify(key);
         return;
       }
       if (existing) return; // being deleted: a document with the same name waits for cleanup to finish
@@ -512,7 +518,7 @@ export class DirectoryExportStore {
         ...incoming,
         metadata: {
           ...incoming.metadata,
-          annotations: { [SOURCE_FILE_ANNOTATION]: file },
+          annotations: { ...incoming.metadata.annotations, [SOURCE_FILE_ANNOTATION]: file },
           uid: randomUUID(),
           generation: 1,
           creationTimestamp: formatTime(this.#clock.date()),

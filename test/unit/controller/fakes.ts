@@ -12,7 +12,13 @@ import type { ExportEvent, ExportStore } from '../../../src/controller/export-st
 import type { CreateImageRequest, NodeServices } from '../../../src/controller/node-services.js';
 import type { ProbeResult, ProbeTarget } from '../../../src/node/nbd-probe.js';
 import { OwnershipLedger } from '../../../src/node/ownership-ledger.js';
-import type { ImageInfo, LockObservation, PathObservation } from '../../../src/plan/observed-state.js';
+import type {
+  ChecksumJob,
+  ChecksumRequest,
+  ImageInfo,
+  LockObservation,
+  PathObservation,
+} from '../../../src/plan/observed-state.js';
 
 export class FakeStore implements ExportStore {
   readonly objects = new Map<string, NbdExport>();
@@ -73,6 +79,8 @@ export class FakeNode {
   readonly created: CreateImageRequest[] = [];
   /** When set, creating an image fails with this error (after nothing was published). */
   createFailure: Error | undefined;
+  /** Background checksums: started ones run until the test finishes them with `finishChecksum`. */
+  readonly checksums = new FakeChecksums();
   /** NBD handshakes made. */
   probes = 0;
   ledger!: OwnershipLedger;
@@ -102,6 +110,7 @@ export class FakeNode {
     let applyRequested = false;
     return {
       ledger: this.ledger,
+      checksums: this.checksums,
       nbdServer: {
         writeExport: (config) => {
           const changed =
@@ -201,4 +210,32 @@ export class FakeNode {
 
 function fingerprintOfOrUndefined(config: ExportConfig | undefined): string | undefined {
   return config ? fingerprintOf(config) : undefined;
+}
+
+/** Checksum jobs that end when a test says, with the digest it names. */
+export class FakeChecksums {
+  readonly jobs = new Map<string, ChecksumJob>();
+  readonly started: { key: string; request: ChecksumRequest; uri: string }[] = [];
+  start(key: string, request: ChecksumRequest, uri: string): void {
+    this.started.push({ key, request, uri });
+    this.jobs.set(key, { ...request, state: 'running', bytesRead: 0 });
+  }
+  get(key: string): ChecksumJob | undefined {
+    return this.jobs.get(key);
+  }
+  forget(key: string): void {
+    this.jobs.delete(key);
+  }
+  onChange(): void {}
+  finish(key: string, digest: string): void {
+    const job = this.jobs.get(key);
+    if (!job) throw new Error(`no checksum job for ${key}`);
+    this.jobs.set(key, {
+      ...job,
+      state: 'done',
+      digest,
+      bytesRead: job.totalBytes,
+      completedAt: '2026-11-25T10:05:00.000Z',
+    });
+  }
 }
