@@ -1,0 +1,175 @@
+/**
+ * The one way the controller runs an external program to completion (qemu-img, `nbd-server
+ * -V`): with a deadline, always. A FIFO given as an image path, a hung NFS mount or a
+ * wedged device would otherwise hold a worker for ever. At the deadline the program's
+ * whole process group gets SIGTERM, and SIGKILL after a grace period (a helper it forked
+ * dies with it); the result says it timed out and after how long.
+ *
+ * Long-lived daemons (nbd-server's parent, qemu-storage-daemon) are not run through here:
+ * their supervisors start them and bound each wait on them (wait-until.ts).
+ *
+ * `CommandRunner` is the boundary unit tests fake.
+ */
+import { spawn } from 'node:child_process';
+import { basename } from 'node:path';
+import { systemClock } from '../../shared/clock.js';
+
+/** The program was stopped at its deadline. */
+export interface CommandTimeout {
+  /** The deadline it ran into. */
+  afterMs: number;
+  /** SIGKILL when it outlived SIGTERM by the grace period. */
+  lastSignal: 'SIGTERM' | 'SIGKILL';
+}
+
+/** How one finished command went. `spawnError` is set when the program could not be started at all. */
+export interface CommandResult {
+  /** Undefined when the program did not start or was killed by a signal. */
+  exitCode: number | undefined;
+  stdout: string;
+  stderr: string;
+  spawnError?: Error;
+  /** Set when the program was killed at its deadline. */
+  timedOut?: CommandTimeout;
+}
+
+export interface RunOptions {
+  /** Kill the program after this long. Default: `defaultTimeoutMs(command, args)`. */
+  timeoutMs?: number;
+  /** Between SIGTERM and SIGKILL. Default 2 s. */
+  killGraceMs?: number;
+}
+
+/** Runs a program to completion or its deadline; never rejects for a failing command, only reports it. */
+export type CommandRunner = (
+  command: string,
+  args: readonly string[],
+  options?: RunOptions,
+) => Promise<CommandResult>;
+
+/**
+ * Deadlines by program and subcommand, for callers that give none. Reading metadata is
+ * quick and a slow answer means something is wrong (a FIFO, a hung mount); writing a
+ * whole image (`create` with preallocation=full, or `convert`) takes as long as the disk
+ * needs. Keys are the program's base name, then `<program> <subcommand>`.
+ */
+export const DEFAULT_TIMEOUTS_MS: Readonly<Record<string, number>> = {
+  /** Reads the headers of an image and its backing chain. */
+  'qemu-img info': 30_000,
+  /** Walks every metadata table (refcounts, L2 tables) of a QCOW2 image: longer on a large image. */
+  'qemu-img check': 120_000,
+  /** With preallocation=full writes every byte of the image. */
+  'qemu-img create': 30 * 60_000,
+  /** Copies a whole image. */
+  'qemu-img convert': 60 * 60_000,
+  /** Other qemu-img subcommands (resize, snapshot, ...) touch metadata only. */
+  'qemu-img': 120_000,
+  /** `nbd-server -V` prints its version and exits. */
+  'nbd-server': 10_000,
+};
+
+/** Any program the table does not name. */
+export const FALLBACK_TIMEOUT_MS = 60_000;
+export const DEFAULT_KILL_GRACE_MS = 2_000;
+/** Output kept per stream; the rest is dropped (qemu-img's JSON is a few KiB). */
+const OUTPUT_LIMIT = 16 << 20;
+
+/** The deadline `runCommand` applies when the caller gives none (see DEFAULT_TIMEOUTS_MS). */
+export function defaultTimeoutMs(command: string, args: readonly string[]): number {
+  const program = basename(command);
+  const subcommand = args.find((arg) => !arg.startsWith('-'));
+  return (
+    (subcommand === undefined ? undefined : DEFAULT_TIMEOUTS_MS[`${program} ${subcommand}`]) ??
+    DEFAULT_TIMEOUTS_MS[program] ??
+    FALLBACK_TIMEOUT_MS
+  );
+}
+
+/** "timed out after 30000 ms (SIGTERM, then SIGKILL)": what a person reads in an error. */
+export function describeTimeout(timeout: CommandTimeout): string {
+  return `timed out after ${timeout.afterMs} ms (killed with ${timeout.lastSignal === 'SIGKILL' ? 'SIGTERM, then SIGKILL' : 'SIGTERM'})`;
+}
+
+export const runCommand: CommandRunner = (command, args, options = {}) => {
+  const timeoutMs = options.timeoutMs ?? defaultTimeoutMs(command, args);
+  const killGraceMs = options.killGraceMs ?? DEFAULT_KILL_GRACE_MS;
+  if (!(timeoutMs > 0)) throw new TypeError(`timeoutMs must be positive, got ${timeoutMs}`);
+  const clock = systemClock;
+  return new Promise<CommandResult>((resolve) => {
+    // Its own process group (detached), so that the deadline reaches whatever it forked.
+    const child = spawn(command, args, {
+      detached: true,
+      stdio: ['ignore', 'pipe', 'pipe'],
+      env: { ...process.env, LC_ALL: 'C' },
+    });
+    const stdout = new OutputBuffer();
+    const stderr = new OutputBuffer();
+    child.stdout.on('data', (chunk: Buffer) => stdout.add(chunk));
+    child.stderr.on('data', (chunk: Buffer) => stderr.add(chunk));
+
+    let timedOut: CommandTimeout | undefined;
+    let settled = false;
+    const timers: unknown[] = [];
+    const finish = (exitCode: number | undefined, spawnError?: Error) => {
+      if (settled) return;
+      settled = true;
+      for (const timer of timers) clock.clearTimeout(timer);
+      resolve({
+        exitCode,
+        stdout: stdout.text(),
+        stderr: stderr.text(),
+        ...(spawnError === undefined ? {} : { spawnError }),
+        ...(timedOut === undefined ? {} : { timedOut }),
+      });
+    };
+    const signalGroup = (signal: 'SIGTERM' | 'SIGKILL') => {
+      if (child.pid === undefined) return;
+      try {
+        process.kill(-child.pid, signal);
+      } catch {
+        // The group is gone already.
+      }
+    };
+
+    child.once('error', (error) => finish(undefined, error));
+    // 'close' waits for the output pipes too; a helper that kept them open is killed at the deadline.
+    child.once('close', (code) => finish(code ?? undefined));
+    timers.push(
+      clock.setTimeout(() => {
+        timedOut = { afterMs: timeoutMs, lastSignal: 'SIGTERM' };
+        signalGroup('SIGTERM');
+        timers.push(
+          clock.setTimeout(() => {
+            if (timedOut !== undefined) timedOut.lastSignal = 'SIGKILL';
+            signalGroup('SIGKILL');
+            // A process that left the group (a daemon) may still hold the pipes: stop waiting for them.
+            timers.push(
+              clock.setTimeout(() => {
+                child.stdout.destroy();
+                child.stderr.destroy();
+                finish(child.exitCode ?? undefined);
+              }, killGraceMs),
+            );
+          }, killGraceMs),
+        );
+      }, timeoutMs),
+    );
+  });
+};
+
+/** Collects a stream's output up to OUTPUT_LIMIT bytes. */
+class OutputBuffer {
+  readonly #chunks: Buffer[] = [];
+  #length = 0;
+
+  add(chunk: Buffer): void {
+    if (this.#length >= OUTPUT_LIMIT) return;
+    const kept = chunk.subarray(0, OUTPUT_LIMIT - this.#length);
+    this.#chunks.push(kept);
+    this.#length += kept.length;
+  }
+
+  text(): string {
+    return Buffer.concat(this.#chunks).toString('utf8');
+  }
+}
