@@ -9,6 +9,8 @@
 import { randomBytes } from 'node:crypto';
 import { link, lstat, open, readFile, readdir, realpath, stat, unlink } from 'node:fs/promises';
 import { basename, dirname, isAbsolute, join, resolve } from 'node:path';
+import type { ImageFormat } from '../api/types.js';
+import type { LockObservation } from '../plan/observed-state.js';
 import { QemuCommandError, isLockError, qemuMessage, runCommand, type CommandRunner } from './qemu-error.js';
 
 export interface ImageInfo {
@@ -39,18 +41,16 @@ export interface InspectOptions {
   format?: 'raw';
 }
 
-export type LockProbe = { locked: false } | { locked: true; message: string };
-
 export interface CreateImageRequest {
   /** Absolute path of the image to create; must not exist. */
   path: string;
-  format: 'qcow2' | 'raw';
+  format: ImageFormat;
   /** Bytes; taken from the backing file when omitted (qcow2 with backingFile only). */
   sizeBytes?: number;
   /** Absolute path of the backing image (qcow2 only); recorded as given. */
   backingFile?: string;
   /** Probed from the backing file when omitted. */
-  backingFormat?: 'qcow2' | 'raw';
+  backingFormat?: ImageFormat;
   preallocation?: 'off' | 'metadata' | 'falloc' | 'full';
 }
 
@@ -75,7 +75,7 @@ export interface QemuImgOptions {
 
 export interface QemuImg {
   inspectImage(path: string, options?: InspectOptions): Promise<ImageInfo>;
-  probeImageLock(path: string): Promise<LockProbe>;
+  probeImageLock(path: string): Promise<LockObservation>;
   createImage(request: CreateImageRequest): Promise<void>;
 }
 
@@ -120,7 +120,7 @@ export function createQemuImg(options: QemuImgOptions = {}): QemuImg {
     return parseInfoChain(path, chain);
   }
 
-  async function probeImageLock(path: string): Promise<LockProbe> {
+  async function probeImageLock(path: string): Promise<LockObservation> {
     // The kernel's lock table answers without touching the image. Asking qemu-img first
     // would itself take a shared lock for a moment, and a QEMU writer starting in that
     // moment would fail to open the image.
@@ -203,7 +203,7 @@ export function inspectImage(path: string, options?: InspectOptions): Promise<Im
 }
 
 /** Whether another process holds the image open for writing (a QEMU write lock). */
-export function probeImageLock(path: string): Promise<LockProbe> {
+export function probeImageLock(path: string): Promise<LockObservation> {
   return defaultQemuImg.probeImageLock(path);
 }
 

@@ -6,6 +6,7 @@
  * the process exiting between two awaits.
  */
 import { readdirSync, readFileSync } from 'node:fs';
+import { readdir, readlink } from 'node:fs/promises';
 
 export type ProcessState = 'running' | 'zombie' | 'gone';
 
@@ -60,6 +61,20 @@ export function allPids(): number[] {
     return [];
   }
   return entries.filter((entry) => /^[0-9]+$/.test(entry)).map(Number);
+}
+
+/**
+ * What each open descriptor of `pid` points to (/proc/<pid>/fd/* link targets): a path
+ * for a file (" (deleted)" appended when unlinked), `socket:[inode]`, `pipe:[inode]`, ...
+ * Empty when the process is gone or not ours to look at.
+ */
+export async function descriptorTargetsOf(pid: number): Promise<string[]> {
+  const targets: string[] = [];
+  for (const fd of await readdir(`/proc/${pid}/fd`).catch(() => [])) {
+    const target = await readlink(`/proc/${pid}/fd/${fd}`).catch(() => undefined);
+    if (target !== undefined) targets.push(target);
+  }
+  return targets;
 }
 
 /**

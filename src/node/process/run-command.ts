@@ -13,6 +13,7 @@
 import { spawn } from 'node:child_process';
 import { basename } from 'node:path';
 import { systemClock } from '../../shared/clock.js';
+import { signalGroup } from './signal-group.js';
 
 /** The program was stopped at its deadline. */
 export interface CommandTimeout {
@@ -122,13 +123,8 @@ export const runCommand: CommandRunner = (command, args, options = {}) => {
         ...(timedOut === undefined ? {} : { timedOut }),
       });
     };
-    const signalGroup = (signal: 'SIGTERM' | 'SIGKILL') => {
-      if (child.pid === undefined) return;
-      try {
-        process.kill(-child.pid, signal);
-      } catch {
-        // The group is gone already.
-      }
+    const signal = (name: 'SIGTERM' | 'SIGKILL') => {
+      if (child.pid !== undefined) signalGroup(child.pid, name);
     };
 
     child.once('error', (error) => finish(undefined, error));
@@ -137,11 +133,11 @@ export const runCommand: CommandRunner = (command, args, options = {}) => {
     timers.push(
       clock.setTimeout(() => {
         timedOut = { afterMs: timeoutMs, lastSignal: 'SIGTERM' };
-        signalGroup('SIGTERM');
+        signal('SIGTERM');
         timers.push(
           clock.setTimeout(() => {
             if (timedOut !== undefined) timedOut.lastSignal = 'SIGKILL';
-            signalGroup('SIGKILL');
+            signal('SIGKILL');
             // A process that left the group (a daemon) may still hold the pipes: stop waiting for them.
             timers.push(
               clock.setTimeout(() => {

@@ -81,3 +81,26 @@ function pause(clock: Clock, ms: number): Promise<void> {
   if (ms <= 0) return new Promise((resolve) => setImmediate(resolve));
   return new Promise((resolve) => clock.setTimeout(resolve, ms));
 }
+
+/**
+ * Resolves or rejects as `promise` does, or rejects with WaitTimeoutError once `timeoutMs`
+ * has passed first (the promise itself runs on; the caller stops what it stands for).
+ */
+export async function withDeadline<T>(
+  promise: Promise<T>,
+  options: Omit<WaitOptions, 'intervalMs'>,
+): Promise<T> {
+  const clock = options.clock ?? systemClock;
+  let timer: unknown;
+  const expired = new Promise<never>((_, reject) => {
+    timer = clock.setTimeout(
+      () => reject(new WaitTimeoutError(options.what, options.timeoutMs)),
+      options.timeoutMs,
+    );
+  });
+  try {
+    return await Promise.race([promise, expired]);
+  } finally {
+    clock.clearTimeout(timer);
+  }
+}
