@@ -11,6 +11,7 @@ import { link, lstat, open, readFile, readdir, realpath, stat, unlink } from 'no
 import { basename, dirname, isAbsolute, join, resolve } from 'node:path';
 import type { ImageFormat } from '../api/types.js';
 import type { LockObservation } from '../plan/observed-state.js';
+import type { RunOptions } from './process/run-command.js';
 import { QemuCommandError, isLockError, qemuMessage, runCommand, type CommandRunner } from './qemu-error.js';
 
 export interface ImageInfo {
@@ -90,8 +91,8 @@ export function createQemuImg(options: QemuImgOptions = {}): QemuImg {
   const run = options.run ?? runCommand;
   const procLocksPath = options.procLocksPath ?? '/proc/locks';
 
-  async function qemuImg(args: string[]): Promise<string> {
-    const result = await run(binary, args);
+  async function qemuImg(args: string[], runOptions?: RunOptions): Promise<string> {
+    const result = await run(binary, args, runOptions);
     if (result.exitCode !== 0) throw QemuCommandError.fromResult(binary, args, result);
     return result.stdout;
   }
@@ -175,7 +176,8 @@ export function createQemuImg(options: QemuImgOptions = {}): QemuImg {
       ...(request.sizeBytes !== undefined ? [String(request.sizeBytes)] : []),
     ];
     try {
-      await qemuImg(args);
+      // Preallocation can take hours on a large disk; a create that stops allocating is hung.
+      await qemuImg(args, { progress: { measure: async () => (await stat(temporary)).blocks } });
       await fsyncPath(temporary, 'r');
       try {
         await link(temporary, path);

@@ -136,3 +136,34 @@ describe('defaultTimeoutMs', () => {
     expect(defaultTimeoutMs('qemu-img', ['create'])).toBeGreaterThanOrEqual(10 * 60_000);
   });
 });
+
+describe('runCommand with a progress watch', () => {
+  it('lets a slow program run on while its measure changes', async () => {
+    const program = await script('slow-but-moving', 'sleep 1; echo done');
+    let counter = 0;
+    const result = await runCommand(program, [], {
+      timeoutMs: 60_000,
+      progress: { measure: () => Promise.resolve(++counter), stallMs: 100, everyMs: 20 },
+    });
+    expect(result).toEqual({ exitCode: 0, stdout: 'done\n', stderr: '' });
+  });
+
+  it('stops a program whose measure stands still, long before its deadline, and says so', async () => {
+    const program = await script('stalls', 'echo ready; exec sleep 60');
+    const started = performance.now();
+    const result = await runCommand(program, ['create'], {
+      timeoutMs: 50_000,
+      progress: { measure: () => Promise.resolve(42), stallMs: 300, everyMs: 50 },
+    });
+    expect(performance.now() - started).toBeLessThan(45_000);
+    expect(result.exitCode).toBeUndefined();
+    expect(result.timedOut?.stalledMs).toBe(300);
+    expect(result.timedOut?.afterMs).toBeGreaterThanOrEqual(300);
+    expect(result.timedOut?.afterMs).toBeLessThan(50_000);
+    expect(QemuCommandError.fromResult(program, ['create'], result).message).toMatch(
+      new RegExp(
+        `^${program} create: timed out: no progress for 300 ms, stopped after [0-9]+ ms \\(killed with SIGTERM`,
+      ),
+    );
+  });
+});
