@@ -223,7 +223,8 @@ class OutputBuffer {
     this.#length += kept.length;
   }
 
+  /** The text without its final newline, as callers have always compared it. */
   text(): string {
-    return Buffer.concat(this.#chunks).toString('utf8');
+    return Buffer.concat(this.#chunks).toString('utf8').replace(/\r?\n$/, '');
   }
 }

@@ -57,7 +57,7 @@ describe('runCommand', () => {
   it('reports exit code and both outputs, in the C locale', async () => {
     const program = await script('answers', 'echo "out $LC_ALL"; echo err >&2; exit 3');
     const result = await runCommand(program, []);
-    expect(result).toEqual({ exitCode: 3, stdout: 'out C\n', stderr: 'err\n' });
+    expect(result).toEqual({ exitCode: 3, stdout: 'out C', stderr: 'err' });
   });
 
   it('reports a program that is not installed without throwing', async () => {
@@ -73,7 +73,7 @@ describe('runCommand', () => {
     const { result, timeoutMs } = await runUntilReady(program);
     expect(performance.now() - started).toBeLessThan(55_000); // it never ran its 60 s
     expect(result.exitCode).toBeUndefined();
-    expect(result.stdout).toBe('ready\n');
+    expect(result.stdout).toBe('ready');
     expect(result.timedOut).toEqual({ afterMs: timeoutMs, lastSignal: 'SIGTERM' });
 
     const error = QemuCommandError.fromResult(program, ['info'], result);
@@ -145,7 +145,7 @@ describe('runCommand with a progress watch', () => {
       timeoutMs: 60_000,
       progress: { measure: () => Promise.resolve(++counter), stallMs: 100, everyMs: 20 },
     });
-    expect(result).toEqual({ exitCode: 0, stdout: 'done\n', stderr: '' });
+    expect(result).toEqual({ exitCode: 0, stdout: 'done', stderr: '' });
   });
 
   it('stops a program whose measure stands still, long before its deadline, and says so', async () => {
