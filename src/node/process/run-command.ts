@@ -225,6 +225,8 @@ class OutputBuffer {
 
   /** The text without its final newline, as callers have always compared it. */
   text(): string {
-    return Buffer.concat(this.#chunks).toString('utf8').replace(/\r?\n$/, '');
+    return Buffer.concat(this.#chunks)
+      .toString('utf8')
+      .replace(/\r?\n$/, '');
   }
 }

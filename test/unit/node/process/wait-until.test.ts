@@ -6,10 +6,7 @@ import {
   withDeadline,
   WaitTimeoutError,
 } from '../../../../src/node/process/wait-until.js';
-import { ManualClock } from '../../../support/manual-clock.js';
-
-/** Lets every pending promise callback run (the wait's next poll), so its next pause is scheduled. */
-const settle = () => new Promise<void>((resolve) => setImmediate(resolve));
+import { ManualClock, flushPromises as settle } from '../../../support/manual-clock.js';
 
 /** Settles, then moves the clock, `times` times. */
 async function tick(clock: ManualClock, ms: number, times: number): Promise<void> {
