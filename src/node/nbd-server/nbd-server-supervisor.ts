@@ -743,7 +743,7 @@ export class NbdServerSupervisor {
     if (result.spawnError !== undefined) return null;
     if (result.timedOut !== undefined)
       this.#log.warn({ binary: this.#binary, timedOut: result.timedOut }, 'nbd-server -V did not answer');
-    return /version\s+([0-9][0-9.]*)/.exec(result.stdout + result.stderr)?.[1] ?? null;
+    return /version\s+([0-9][0-9.]*)/.exec(`${result.stdout}\n${result.stderr}`)?.[1] ?? null;
   }
 
   async #logSince(offset: number): Promise<string> {

@@ -5,6 +5,17 @@
  */
 import { systemClock, type Clock } from '../../shared/clock.js';
 
+/**
+ * Real time whose timers keep the process alive (systemClock's do not): a caller that
+ * awaits a wait, say `stop()` at the end of a script, must not see the process exit under it.
+ */
+const waitingClock: Clock = {
+  now: () => systemClock.now(),
+  date: () => systemClock.date(),
+  setTimeout: (callback, ms) => setTimeout(callback, ms),
+  clearTimeout: (handle) => clearTimeout(handle as ReturnType<typeof setTimeout>),
+};
+
 export interface WaitOptions {
   /** Give up this long after the first check. Required: there is no waiting without an end. */
   timeoutMs: number;
@@ -16,6 +27,7 @@ export interface WaitOptions {
    * Default 100 ms.
    */
   intervalMs?: number | ((attempt: number) => number);
+  /** Default: real time, whose pending timers keep the process alive. */
   clock?: Clock;
 }
 
@@ -40,7 +52,7 @@ export async function waitFor<T>(
   poll: () => T | undefined | Promise<T | undefined>,
   options: WaitOptions,
 ): Promise<T> {
-  const clock = options.clock ?? systemClock;
+  const clock = options.clock ?? waitingClock;
   const deadline = clock.now() + options.timeoutMs;
   for (let attempt = 0; ; attempt++) {
     const value = await poll();
@@ -90,7 +102,7 @@ export async function withDeadline<T>(
   promise: Promise<T>,
   options: Omit<WaitOptions, 'intervalMs'>,
 ): Promise<T> {
-  const clock = options.clock ?? systemClock;
+  const clock = options.clock ?? waitingClock;
   let timer: unknown;
   const expired = new Promise<never>((_, reject) => {
     timer = clock.setTimeout(
