@@ -1,4 +1,5 @@
 import PQueue from 'p-queue';
+import { exponentialBackoff } from '../shared/backoff.js';
 import { systemClock, type Clock } from '../shared/clock.js';
 
 /**
@@ -50,17 +51,16 @@ export interface BackoffOptions {
 }
 
 /**
- * The delay before retry number `failures` (1 for the first failure): base × 2^(failures−1),
- * jittered by ±jitter, never above the cap. `random` returns a number in [0, 1).
+ * The queue's retry delay: the shared exponential backoff with the queue's defaults
+ * (500 ms, doubling, at most 5 minutes, ±20 %). `random` returns a number in [0, 1).
  */
 export function backoffDelay(failures: number, options: BackoffOptions, random: () => number): number {
-  const base = options.baseDelayMs ?? 500;
-  const cap = options.maxDelayMs ?? 300_000;
-  const jitter = options.jitter ?? 0.2;
-  const exponent = Math.min(Math.max(failures - 1, 0), 52);
-  const raw = Math.min(cap, base * 2 ** exponent);
-  const jittered = raw * (1 + jitter * (2 * random() - 1));
-  return Math.max(0, Math.min(cap, Math.round(jittered)));
+  const policy = {
+    baseMs: options.baseDelayMs ?? 500,
+    maxMs: options.maxDelayMs ?? 300_000,
+    jitter: options.jitter ?? 0.2,
+  };
+  return exponentialBackoff(failures, policy, random);
 }
 
 export interface WorkQueueOptions extends BackoffOptions {

@@ -1,5 +1,6 @@
 import type { Logger } from 'pino';
 import { KubeApiError, errorFromStatus, isKubeApiError, type KubeTransport } from './kube-client.js';
+import { exponentialBackoff } from '../shared/backoff.js';
 import { systemClock, type Clock } from '../shared/clock.js';
 
 /**
@@ -440,12 +441,11 @@ export class WatchLoop<T extends WatchedObject> {
   }
 }
 
-/** Delay before reconnect number `failures` (1 first): base × 2^(failures−1), capped, full ±50 % jitter. */
+/** Delay before reconnect number `failures` (1 first): the shared exponential backoff with full ±50 % jitter. */
 export function reconnectDelay(
   failures: number,
   backoff: { baseMs: number; maxMs: number },
   random: () => number,
 ): number {
-  const raw = Math.min(backoff.maxMs, backoff.baseMs * 2 ** Math.min(Math.max(failures - 1, 0), 30));
-  return Math.round(Math.min(backoff.maxMs, raw * (0.5 + random())));
+  return exponentialBackoff(failures, { baseMs: backoff.baseMs, maxMs: backoff.maxMs, jitter: 0.5 }, random);
 }

@@ -6,15 +6,8 @@
  */
 import { mkdir, readdir, readFile, rm } from 'node:fs/promises';
 import { join } from 'node:path';
+import type { LedgerEntry as OwnershipRecord } from '../plan/observed-state.js';
 import { removeTemporaryFiles, writeFileAtomic } from '../shared/atomic-file.js';
-
-export interface OwnershipRecord {
-  uid: string;
-  key: string;
-  exportName?: string;
-  server?: 'nbd-server' | 'qemu-storage-daemon';
-  createdImage?: { path: string; inode?: number };
-}
 
 const UID_PATTERN = /^[A-Za-z0-9-]{1,64}$/;
 

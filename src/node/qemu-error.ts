@@ -1,36 +1,11 @@
 /**
- * Errors of the QEMU tools (qemu-img, qemu-storage-daemon), and how their processes are
- * run. One boundary, `CommandRunner`, so unit tests can fake a tool's answers; everything
- * else runs the real binaries.
+ * Errors of the QEMU tools (qemu-img, qemu-storage-daemon). Their processes run through
+ * the one runner with a deadline, process/run-command.ts; its names are re-exported here
+ * for the callers that import them from this module.
  */
-import { execa } from 'execa';
+import { describeTimeout, type CommandResult } from './process/run-command.js';
 
-/** How one finished command went. `spawnError` is set when the program could not be started at all. */
-export interface CommandResult {
-  exitCode: number | undefined;
-  stdout: string;
-  stderr: string;
-  spawnError?: Error;
-}
-
-/** Runs a program to completion; never rejects for a failing command, only reports it. */
-export type CommandRunner = (command: string, args: readonly string[]) => Promise<CommandResult>;
-
-export const runCommand: CommandRunner = async (command, args) => {
-  const result = await execa(command, args, { reject: false, stdin: 'ignore', env: { LC_ALL: 'C' } });
-  const spawnFailed = result.failed && result.exitCode === undefined;
-  const spawnError: Error | undefined = !spawnFailed
-    ? undefined
-    : result.cause instanceof Error
-      ? result.cause
-      : new Error(result.message);
-  return {
-    exitCode: result.exitCode,
-    stdout: typeof result.stdout === 'string' ? result.stdout : '',
-    stderr: typeof result.stderr === 'string' ? result.stderr : '',
-    ...(spawnError ? { spawnError } : {}),
-  };
-};
+export { runCommand, type CommandResult, type CommandRunner } from './process/run-command.js';
 
 /** A QEMU tool failed: carries what a person needs to understand it. */
 export class QemuCommandError extends Error {
@@ -56,13 +31,18 @@ export class QemuCommandError extends Error {
     this.stderr = stderr;
   }
 
-  /** Builds the error for a failed CommandResult; a program that is not installed says so. */
+  /**
+   * Builds the error for a failed CommandResult; a program that is not installed, or was
+   * killed at its deadline, says so.
+   */
   static fromResult(command: string, args: readonly string[], result: CommandResult): QemuCommandError {
     const code = (result.spawnError as NodeJS.ErrnoException | undefined)?.code;
     const message =
       code === 'ENOENT'
         ? `${command} is not installed or not on PATH (Debian: qemu-utils / qemu-system-common)`
-        : undefined;
+        : result.timedOut !== undefined
+          ? `${command} ${args.join(' ')}: ${describeTimeout(result.timedOut)}${result.stderr.trim() ? `: ${result.stderr.trim()}` : ''}`
+          : undefined;
     return new QemuCommandError(command, args, result.exitCode, result.stderr, {
       cause: result.spawnError,
       ...(message === undefined ? {} : { message }),

@@ -9,6 +9,9 @@
 import { randomBytes } from 'node:crypto';
 import { link, lstat, open, readFile, readdir, realpath, stat, unlink } from 'node:fs/promises';
 import { basename, dirname, isAbsolute, join, resolve } from 'node:path';
+import type { ImageFormat } from '../api/types.js';
+import type { LockObservation } from '../plan/observed-state.js';
+import type { RunOptions } from './process/run-command.js';
 import { QemuCommandError, isLockError, qemuMessage, runCommand, type CommandRunner } from './qemu-error.js';
 
 export interface ImageInfo {
@@ -39,18 +42,16 @@ export interface InspectOptions {
   format?: 'raw';
 }
 
-export type LockProbe = { locked: false } | { locked: true; message: string };
-
 export interface CreateImageRequest {
   /** Absolute path of the image to create; must not exist. */
   path: string;
-  format: 'qcow2' | 'raw';
+  format: ImageFormat;
   /** Bytes; taken from the backing file when omitted (qcow2 with backingFile only). */
   sizeBytes?: number;
   /** Absolute path of the backing image (qcow2 only); recorded as given. */
   backingFile?: string;
   /** Probed from the backing file when omitted. */
-  backingFormat?: 'qcow2' | 'raw';
+  backingFormat?: ImageFormat;
   preallocation?: 'off' | 'metadata' | 'falloc' | 'full';
 }
 
@@ -84,7 +85,7 @@ export interface CreateImageHooks {
 
 export interface QemuImg {
   inspectImage(path: string, options?: InspectOptions): Promise<ImageInfo>;
-  probeImageLock(path: string): Promise<LockProbe>;
+  probeImageLock(path: string): Promise<LockObservation>;
   /** Resolves to the published image's inode. */
   createImage(request: CreateImageRequest, hooks?: CreateImageHooks): Promise<number>;
 }
@@ -100,8 +101,8 @@ export function createQemuImg(options: QemuImgOptions = {}): QemuImg {
   const run = options.run ?? runCommand;
   const procLocksPath = options.procLocksPath ?? '/proc/locks';
 
-  async function qemuImg(args: string[]): Promise<string> {
-    const result = await run(binary, args);
+  async function qemuImg(args: string[], runOptions?: RunOptions): Promise<string> {
+    const result = await run(binary, args, runOptions);
     if (result.exitCode !== 0) throw QemuCommandError.fromResult(binary, args, result);
     return result.stdout;
   }
@@ -130,7 +131,7 @@ export function createQemuImg(options: QemuImgOptions = {}): QemuImg {
     return parseInfoChain(path, chain);
   }
 
-  async function probeImageLock(path: string): Promise<LockProbe> {
+  async function probeImageLock(path: string): Promise<LockObservation> {
     // The kernel's lock table answers without touching the image. Asking qemu-img first
     // would itself take a shared lock for a moment, and a QEMU writer starting in that
     // moment would fail to open the image.
@@ -185,7 +186,8 @@ export function createQemuImg(options: QemuImgOptions = {}): QemuImg {
       ...(request.sizeBytes !== undefined ? [String(request.sizeBytes)] : []),
     ];
     try {
-      await qemuImg(args);
+      // Preallocation can take hours on a large disk; a create that stops allocating is hung.
+      await qemuImg(args, { progress: { measure: async () => (await stat(temporary)).blocks } });
       await fsyncPath(temporary, 'r');
       const { ino } = await stat(temporary);
       await hooks.beforePublish?.(ino);
@@ -216,7 +218,7 @@ export function inspectImage(path: string, options?: InspectOptions): Promise<Im
 }
 
 /** Whether another process holds the image open for writing (a QEMU write lock). */
-export function probeImageLock(path: string): Promise<LockProbe> {
+export function probeImageLock(path: string): Promise<LockObservation> {
   return defaultQemuImg.probeImageLock(path);
 }
 

@@ -11,7 +11,7 @@ import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { execa } from 'execa';
 import { afterEach, beforeAll, describe, expect, it } from 'vitest';
-import { processState } from '../../src/node/nbd-server/server-processes.js';
+import { processState } from '../../src/node/process/proc-scan.js';
 import { exportSize, isServed } from '../support/nbd.js';
 import { waitFor } from '../support/poll.js';
 import { freePorts, requireBinary } from '../support/repo.js';

@@ -9,7 +9,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { exportSize, isServed, nbdcopy, sha256File, writeRandomFile, HeldTransfer } from '../support/nbd.js';
 import { waitFor } from '../support/poll.js';
 import { holdsQemuWriteLock, probeImageLock } from '../../src/node/qemu-img.js';
-import { processState } from '../../src/node/nbd-server/server-processes.js';
+import { processState } from '../../src/node/process/proc-scan.js';
 import { nbdExport, PlainHostNode } from './harness/plain-host-controller.js';
 
 const MiB = 1024 * 1024;

@@ -3,10 +3,11 @@
  * (auth/<stem>.allow). Files are written atomically and only when their content
  * changes; only files carrying our header are ever read back, replaced or deleted.
  */
-import { mkdir, readdir, readFile, rm } from 'node:fs/promises';
+import { mkdir, readdir, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { ExportConfig } from '../../api/export-config.js';
 import { removeTemporaryFiles, syncDirectory, writeFileAtomic } from '../../shared/atomic-file.js';
+import { readFileIfPresent } from '../../shared/read-file-if-present.js';
 import { authFileNameOf, confFileNameOf } from './conf-file-name.js';
 import { isOurs, parseConfHeader, renderExportFiles, type ConfHeader } from './render-export-config.js';
 
@@ -108,13 +109,4 @@ async function writeIfChanged(path: string, content: string): Promise<boolean> {
     throw new Error(`refusing to replace ${path}: it was not written by nbd-export-controller`);
   await writeFileAtomic(path, content, { mode: 0o644 });
   return true;
-}
-
-async function readFileIfPresent(path: string): Promise<string | undefined> {
-  try {
-    return await readFile(path, 'utf8');
-  } catch (error) {
-    if ((error as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
-    throw error;
-  }
 }

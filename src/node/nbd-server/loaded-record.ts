@@ -9,7 +9,7 @@
  * and `connections()`/`disconnect()` must find them by name. An entry is dropped once
  * no nbd-server process holds its path open any more.
  */
-import { readFile } from 'node:fs/promises';
+import { readFileIfPresent } from '../../shared/read-file-if-present.js';
 import { writeFileAtomic } from '../../shared/atomic-file.js';
 
 export interface LoadedExport {
@@ -35,13 +35,8 @@ export interface LoadedRecord {
 export const EMPTY_RECORD: LoadedRecord = { pid: null, startedAt: '', base: '', exports: {}, retired: {} };
 
 export async function readLoadedRecord(path: string): Promise<LoadedRecord> {
-  let text: string;
-  try {
-    text = await readFile(path, 'utf8');
-  } catch (error) {
-    if ((error as NodeJS.ErrnoException).code === 'ENOENT') return EMPTY_RECORD;
-    throw error;
-  }
+  const text = await readFileIfPresent(path);
+  if (text === undefined) return EMPTY_RECORD;
   try {
     const value = JSON.parse(text) as Partial<LoadedRecord>;
     return {

@@ -19,6 +19,13 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import type { Logger } from 'pino';
 import type { ExportConfig } from '../../api/export-config.js';
 import { removeTemporaryFiles, writeFileAtomic } from '../../shared/atomic-file.js';
+import { exponentialBackoff } from '../../shared/backoff.js';
+import { SerialLock } from '../../shared/serial-lock.js';
+import { readPidFile } from '../process/pid-file.js';
+import { signalGroup } from '../process/signal-group.js';
+import { processState, startTicksOf } from '../process/proc-scan.js';
+import { runCommand } from '../process/run-command.js';
+import { pollUntil, waitFor, waitUntil, withDeadline, WaitTimeoutError } from '../process/wait-until.js';
 import { ApplyScheduler } from './apply-scheduler.js';
 import { ConfDir, type ConfiguredExport } from './conf-dir.js';
 import { NbdServerError } from './nbd-server-error.js';
@@ -38,8 +45,6 @@ import {
   isServerProcess,
   listenersOn,
   listServerProcesses,
-  processState,
-  startTicksOf,
 } from './server-processes.js';
 
 export interface NbdServerSupervisorOptions {
@@ -81,6 +86,8 @@ type AppliedListener = (changedExportNames: string[]) => void;
 
 const LOG_LIMIT = 1 << 20;
 const CHILD_GRACE_MS = 3_000;
+/** Retrying a failed start: 1 s, doubling, at most 30 s; exact (one supervisor per node, nothing to spread). */
+const RESTART_BACKOFF = { baseMs: 1_000, maxMs: 30_000, jitter: 0 };
 
 export class NbdServerSupervisor {
   readonly dir: string;
@@ -109,7 +116,8 @@ export class NbdServerSupervisor {
   #retryAt = 0;
   #watchdog: NodeJS.Timeout | undefined;
   #stopped = false;
-  #lock: Promise<unknown> = Promise.resolve();
+  /** Serializes conf.d changes and hand-overs. */
+  readonly #lock = new SerialLock();
   #timings: { killed?: number; launcherExited?: number } = {};
 
   constructor(options: NbdServerSupervisorOptions) {
@@ -454,7 +462,7 @@ export class NbdServerSupervisor {
       });
     } catch (error) {
       this.#failures++;
-      this.#retryAt = Date.now() + Math.min(30_000, 1_000 * 2 ** (this.#failures - 1));
+      this.#retryAt = Date.now() + exponentialBackoff(this.#failures, RESTART_BACKOFF, Math.random);
       this.#lastError = error instanceof Error ? error.message : String(error);
       this.#log.error(
         { reason, err: error, failures: this.#failures },
@@ -530,9 +538,27 @@ export class NbdServerSupervisor {
       }
       this.#timings = { killed: performance.now() };
       launcher.stdin?.end('\n');
-      exitCode = await exited;
+      try {
+        exitCode = await withDeadline(exited, {
+          timeoutMs: this.#startTimeoutMs,
+          what: `${this.#binary} to daemonize`,
+        });
+      } catch (error) {
+        if (!(error instanceof WaitTimeoutError)) throw error;
+        // Still in the launcher's process group: it never daemonized, so it serves no client.
+        if (launcher.pid !== undefined) signalGroup(launcher.pid, 'SIGKILL');
+        throw new NbdServerError(
+          `nbd-server did not daemonize within ${this.#startTimeoutMs} ms; killed it`,
+          {
+            command,
+            stderr: await this.#logSince(logOffset),
+            cause: error,
+          },
+        );
+      }
       this.#timings.launcherExited = performance.now();
     } catch (error) {
+      if (error instanceof NbdServerError) throw error;
       if (error instanceof Error && 'code' in error && typeof error.code === 'string')
         throw new NbdServerError(`could not run ${this.#binary}`, { command, cause: error });
       throw error;
@@ -549,19 +575,20 @@ export class NbdServerSupervisor {
         },
       );
 
-    const deadline = Date.now() + this.#startTimeoutMs;
     let pid: number | null = null;
-    for (let attempt = 0; ; attempt++) {
-      pid ??= await this.#readPidFile();
-      if (pid !== null) {
-        if (processState(pid) !== 'running') {
-          const holders = await listenersOn(this.port);
-          throw new NbdServerError(
-            `nbd-server (pid ${pid}) exited after daemonizing${holders.length > 0 ? `; port ${this.port} is held by ${holders.join(', ')}` : ''} (it logs to syslog from then on)`,
-            { command, exitCode: 0, stderr: await this.#logSince(logOffset), diedAfterDaemonizing: true },
-          );
-        }
-        if (await isListeningOn(pid, this.port)) {
+    try {
+      return await waitFor(
+        async () => {
+          pid ??= await this.#readPidFile();
+          if (pid === null) return undefined;
+          if (processState(pid) !== 'running') {
+            const holders = await listenersOn(this.port);
+            throw new NbdServerError(
+              `nbd-server (pid ${pid}) exited after daemonizing${holders.length > 0 ? `; port ${this.port} is held by ${holders.join(', ')}` : ''} (it logs to syslog from then on)`,
+              { command, exitCode: 0, stderr: await this.#logSince(logOffset), diedAfterDaemonizing: true },
+            );
+          }
+          if (!(await isListeningOn(pid, this.port))) return undefined;
           const { killed = 0, launcherExited = 0 } = this.#timings;
           this.#log.debug(
             {
@@ -572,18 +599,25 @@ export class NbdServerSupervisor {
             'new nbd-server parent listens',
           );
           return pid;
-        }
-      }
-      if (Date.now() > deadline)
-        throw new NbdServerError(
-          `nbd-server did not listen on port ${this.port} within ${this.#startTimeoutMs} ms`,
-          {
-            command,
-            exitCode: 0,
-            stderr: await this.#logSince(logOffset),
-          },
-        );
-      await sleep(attempt < 100 ? 2 : 20);
+        },
+        {
+          timeoutMs: this.#startTimeoutMs,
+          // Tight at first: the port is closed until it listens.
+          intervalMs: (attempt) => (attempt < 100 ? 2 : 20),
+          what: `nbd-server to listen on port ${this.port}`,
+        },
+      );
+    } catch (error) {
+      if (!(error instanceof WaitTimeoutError)) throw error;
+      throw new NbdServerError(
+        `nbd-server did not listen on port ${this.port} within ${this.#startTimeoutMs} ms`,
+        {
+          command,
+          exitCode: 0,
+          stderr: await this.#logSince(logOffset),
+          cause: error,
+        },
+      );
     }
   }
 
@@ -597,25 +631,26 @@ export class NbdServerSupervisor {
     if (!isServerProcess(pid, this.configPath)) return;
     const sockets = await listeningSocketsOf(pid, this.port);
     process.kill(pid, 'SIGKILL');
-    const deadline = Date.now() + 10_000;
-    // Poll tightly: this is the time the port is closed.
-    const tick = () => new Promise((resolveTick) => setImmediate(resolveTick));
-    while (processState(pid) === 'running') {
-      if (Date.now() > deadline) throw new Error(`nbd-server parent ${pid} did not exit after SIGKILL`);
-      await tick();
-    }
-    const socketDeadline = Date.now() + 2_000;
+    // Poll tightly (intervalMs 0): this is the time the port is closed.
+    await waitUntil(() => processState(pid) !== 'running', {
+      timeoutMs: 10_000,
+      intervalMs: 0,
+      what: `nbd-server parent ${pid} to exit after SIGKILL`,
+    });
     const exitedAt = performance.now();
-    let heldOpen = false;
-    while ((await anyStillListening(sockets, this.port)) && Date.now() < socketDeadline) {
-      heldOpen = true;
-      await tick();
-    }
-    if (heldOpen)
+    const heldOpen = await anyStillListening(sockets, this.port);
+    if (heldOpen) {
+      // Not an error when it lasts: the new parent's bind then fails, and the launch is retried.
+      await pollUntil(async () => !(await anyStillListening(sockets, this.port)), {
+        timeoutMs: 2_000,
+        intervalMs: 0,
+        what: `the listening socket of nbd-server parent ${pid} to close`,
+      });
       this.#log.debug(
         { pid, ms: Math.round(performance.now() - exitedAt) },
         'the listening socket outlived the parent (a child forked an instant before held it)',
       );
+    }
   }
 
   /** SIGTERM, a grace period, SIGKILL; waits until they have exited. */
@@ -630,11 +665,12 @@ export class NbdServerSupervisor {
           }
     };
     const allGone = () => pids.every((pid) => processState(pid) !== 'running');
+    const what = `nbd-server processes ${pids.join(', ')} to exit`;
     signal('SIGTERM');
-    for (const deadline = Date.now() + CHILD_GRACE_MS; !allGone() && Date.now() < deadline;) await sleep(20);
-    if (allGone()) return;
+    if (await pollUntil(allGone, { timeoutMs: CHILD_GRACE_MS, intervalMs: 20, what })) return;
     signal('SIGKILL');
-    for (const deadline = Date.now() + 10_000; !allGone() && Date.now() < deadline;) await sleep(20);
+    if (!(await pollUntil(allGone, { timeoutMs: 10_000, intervalMs: 20, what })))
+      this.#log.warn({ pids }, 'nbd-server client processes outlived SIGKILL');
   }
 
   /** The watchdog: restarts a parent that died, and retries a failed start with backoff. */
@@ -689,8 +725,7 @@ export class NbdServerSupervisor {
   }
 
   async #readPidFile(): Promise<number | null> {
-    const text = await readFile(this.pidPath, 'utf8').catch(() => '');
-    return /^[0-9]+\s*$/.test(text) ? Number(text) : null;
+    return (await readPidFile(this.pidPath)) ?? null;
   }
 
   async #pathsInUse(): Promise<Set<string>> {
@@ -704,14 +739,11 @@ export class NbdServerSupervisor {
   }
 
   async #readVersion(): Promise<string | null> {
-    return new Promise((resolveVersion) => {
-      const child = spawn(this.#binary, ['-V'], { stdio: ['ignore', 'pipe', 'pipe'] });
-      let output = '';
-      child.stdout.on('data', (chunk: Buffer) => (output += chunk.toString()));
-      child.stderr.on('data', (chunk: Buffer) => (output += chunk.toString()));
-      child.once('error', () => resolveVersion(null));
-      child.once('close', () => resolveVersion(/version\s+([0-9][0-9.]*)/.exec(output)?.[1] ?? null));
-    });
+    const result = await runCommand(this.#binary, ['-V']);
+    if (result.spawnError !== undefined) return null;
+    if (result.timedOut !== undefined)
+      this.#log.warn({ binary: this.#binary, timedOut: result.timedOut }, 'nbd-server -V did not answer');
+    return /version\s+([0-9][0-9.]*)/.exec(`${result.stdout}\n${result.stderr}`)?.[1] ?? null;
   }
 
   async #logSince(offset: number): Promise<string> {
@@ -719,11 +751,8 @@ export class NbdServerSupervisor {
     return text.slice(offset).split('\n').slice(-20).join('\n');
   }
 
-  /** Serializes conf.d changes and hand-overs. */
   async #exclusive<T>(fn: () => Promise<T>): Promise<T> {
-    const run = this.#lock.then(fn, fn);
-    this.#lock = run.catch(() => undefined);
-    return run;
+    return this.#lock.run(fn);
   }
 }
 

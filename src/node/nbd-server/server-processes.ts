@@ -5,8 +5,16 @@
  * left by an earlier parent are found the same way. A child opens the export's file
  * once the client has chosen an export, so its open files tell which export it serves.
  */
-import { readdir, readFile, readlink } from 'node:fs/promises';
-import { readFileSync } from 'node:fs';
+import { readFile } from 'node:fs/promises';
+import {
+  allPids,
+  commandLineOf,
+  descriptorTargetsOf,
+  findProcesses,
+  isRunning,
+  parentOf,
+  startTicksOf,
+} from '../process/proc-scan.js';
 
 export interface ServerProcess {
   pid: number;
@@ -15,29 +23,6 @@ export interface ServerProcess {
   startTicks: number;
   /** Regular files and devices it holds open (" (deleted)" removed). */
   paths: string[];
-}
-
-export type ProcessState = 'running' | 'zombie' | 'gone';
-
-/** Whether `pid` exists and has not exited (a zombie has exited: its sockets are closed). */
-export function processState(pid: number): ProcessState {
-  try {
-    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
-    const state = stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3);
-    return state === 'Z' || state === 'X' ? 'zombie' : 'running';
-  } catch {
-    return 'gone';
-  }
-}
-
-/** The arguments `pid` was started with, or undefined when it is gone. */
-export function commandLineOf(pid: number): string[] | undefined {
-  try {
-    const raw = readFileSync(`/proc/${pid}/cmdline`, 'utf8');
-    return raw.split('\0').slice(0, raw.endsWith('\0') ? -1 : undefined);
-  } catch {
-    return undefined;
-  }
 }
 
 /** Whether `argv` is an nbd-server run with this config file. */
@@ -50,16 +35,13 @@ export function isServerCommandLine(argv: readonly string[] | undefined, configP
 
 /** Whether `pid` is alive and an nbd-server of this config (guards against recycled pids). */
 export function isServerProcess(pid: number, configPath: string): boolean {
-  return processState(pid) === 'running' && isServerCommandLine(commandLineOf(pid), configPath);
+  return isRunning(pid) && isServerCommandLine(commandLineOf(pid), configPath);
 }
 
 /** Every live nbd-server process (parents and children) of this config. */
 export async function listServerProcesses(configPath: string): Promise<ServerProcess[]> {
   const result: ServerProcess[] = [];
-  for (const entry of await readdir('/proc')) {
-    if (!/^[0-9]+$/.test(entry)) continue;
-    const pid = Number(entry);
-    if (!isServerProcess(pid, configPath)) continue;
+  for (const pid of findProcesses((argv, pid) => isRunning(pid) && isServerCommandLine(argv, configPath))) {
     const ppid = parentOf(pid);
     const startTicks = startTicksOf(pid);
     if (ppid === undefined || startTicks === undefined) continue;
@@ -68,33 +50,9 @@ export async function listServerProcesses(configPath: string): Promise<ServerPro
   return result;
 }
 
-/** When `pid` started, in clock ticks since boot; undefined when it is gone. */
-export function startTicksOf(pid: number): number | undefined {
-  try {
-    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
-    // Fields after the command name start at field 3 (state); starttime is field 22.
-    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-    const ticks = Number(fields[19]);
-    return Number.isFinite(ticks) ? ticks : undefined;
-  } catch {
-    return undefined;
-  }
-}
-
-function parentOf(pid: number): number | undefined {
-  try {
-    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
-    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-    return Number(fields[1]);
-  } catch {
-    return undefined;
-  }
-}
-
 async function openPathsOf(pid: number): Promise<string[]> {
   const paths = new Set<string>();
-  for (const fd of await readdir(`/proc/${pid}/fd`).catch(() => [])) {
-    const target = await readlink(`/proc/${pid}/fd/${fd}`).catch(() => '');
+  for (const target of await descriptorTargetsOf(pid)) {
     if (!target.startsWith('/') || target === '/dev/null') continue;
     paths.add(target.replace(/ \(deleted\)$/, ''));
   }
@@ -104,8 +62,8 @@ async function openPathsOf(pid: number): Promise<string[]> {
 /** Socket inodes `pid` holds open. */
 async function socketInodesOf(pid: number): Promise<Set<string>> {
   const inodes = new Set<string>();
-  for (const fd of await readdir(`/proc/${pid}/fd`).catch(() => [])) {
-    const match = /^socket:\[([0-9]+)\]$/.exec(await readlink(`/proc/${pid}/fd/${fd}`).catch(() => ''));
+  for (const target of await descriptorTargetsOf(pid)) {
+    const match = /^socket:\[([0-9]+)\]$/.exec(target);
     if (match?.[1] !== undefined) inodes.add(match[1]);
   }
   return inodes;
@@ -164,10 +122,8 @@ export async function listenersOn(port: number): Promise<string[]> {
   const inodes = await allListeningInodes(port);
   if (inodes.size === 0) return [];
   const owners: string[] = [];
-  for (const entry of await readdir('/proc')) {
-    if (!/^[0-9]+$/.test(entry)) continue;
-    for (const inode of await socketInodesOf(Number(entry)))
-      if (inodes.has(inode)) owners.push(`${entry} (${commandLineOf(Number(entry))?.join(' ') ?? '?'})`);
-  }
+  for (const pid of allPids())
+    for (const inode of await socketInodesOf(pid))
+      if (inodes.has(inode)) owners.push(`${pid} (${commandLineOf(pid)?.join(' ') ?? '?'})`);
   return owners;
 }

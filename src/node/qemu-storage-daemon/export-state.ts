@@ -6,7 +6,7 @@
  * `adding` before the QMP commands run, so a crash in between leaves a trace to clean up.
  */
 import { createHash } from 'node:crypto';
-import { readFile } from 'node:fs/promises';
+import { readFileIfPresent } from '../../shared/read-file-if-present.js';
 import type { ExportConfig } from '../../api/export-config.js';
 import { writeFileAtomic } from '../../shared/atomic-file.js';
 
@@ -44,13 +44,8 @@ export function exportIdsOf(exportName: string, fingerprint: string): ExportIds 
 }
 
 export async function readExportState(path: string): Promise<Map<string, ExportRecord>> {
-  let text: string;
-  try {
-    text = await readFile(path, 'utf8');
-  } catch (error) {
-    if ((error as NodeJS.ErrnoException).code === 'ENOENT') return new Map();
-    throw error;
-  }
+  const text = await readFileIfPresent(path);
+  if (text === undefined) return new Map();
   const parsed = JSON.parse(text) as Partial<StateFile>;
   if (parsed.version !== 1 || typeof parsed.exports !== 'object' || parsed.exports === null)
     throw new Error(`${path}: not an export state file of version 1`);

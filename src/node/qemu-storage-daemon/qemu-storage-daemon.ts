@@ -9,7 +9,7 @@
  * removal refused with ExportBusyError) and must reconnect.
  */
 import { spawn } from 'node:child_process';
-import { mkdir, open, readFile, readdir, stat, unlink } from 'node:fs/promises';
+import { mkdir, open, readFile, stat, unlink } from 'node:fs/promises';
 import { basename, join } from 'node:path';
 import type { Logger } from 'pino';
 import { fingerprintOf, type ExportConfig } from '../../api/export-config.js';
@@ -26,6 +26,10 @@ import {
 } from './export-state.js';
 import { QmpClient, QmpError } from './qmp-client.js';
 import { removeTemporaryFiles } from '../../shared/atomic-file.js';
+import { SerialLock } from '../../shared/serial-lock.js';
+import { readPidFile } from '../process/pid-file.js';
+import { commandLineOf, findProcesses, isRunning } from '../process/proc-scan.js';
+import { waitFor, waitUntil, WaitTimeoutError } from '../process/wait-until.js';
 
 export interface QemuStorageDaemonOptions {
   /** The controller's state directory; the daemon's files go to `<stateDir>/qemu-storage-daemon/`. */
@@ -91,7 +95,7 @@ export class QemuStorageDaemon {
   #adopted = false;
   #records = new Map<string, ExportRecord>();
   /** Serialises everything that talks to the daemon or the state file. */
-  #queue: Promise<unknown> = Promise.resolve();
+  readonly #lock = new SerialLock();
 
   constructor(options: QemuStorageDaemonOptions) {
     if (typeof options.stateDir !== 'string' || options.stateDir === '')
@@ -265,7 +269,10 @@ export class QemuStorageDaemon {
         const qmp = connected ?? (await QmpClient.connect(this.#socketPath, { timeoutMs: this.#timeoutMs }));
         await qmp.execute('quit', undefined, { timeoutMs: this.#timeoutMs }).catch(() => undefined);
         qmp.close();
-        await waitFor(() => !processAlive(pid), this.#timeoutMs, `qemu-storage-daemon (pid ${pid}) to exit`);
+        await waitUntil(() => !isRunning(pid), {
+          timeoutMs: this.#timeoutMs,
+          what: `qemu-storage-daemon (pid ${pid}) to exit`,
+        });
       }
       connected?.close();
       this.#records.clear();
@@ -280,9 +287,7 @@ export class QemuStorageDaemon {
   }
 
   #serial<T>(work: () => Promise<T>): Promise<T> {
-    const result = this.#queue.then(work, work);
-    this.#queue = result.catch(() => undefined);
-    return result;
+    return this.#lock.run(work);
   }
 
   /** The QMP connection; adopts or restarts the daemon when it was lost (it died, or was never started). */
@@ -352,8 +357,8 @@ export class QemuStorageDaemon {
       await log.close();
     }
     this.#logger.info({ pid, args }, 'starting qemu-storage-daemon');
-    const deadline = Date.now() + this.#timeoutMs;
-    for (;;) {
+    let lastConnectError: unknown;
+    const started = async (): Promise<{ qmp: QmpClient; pid: number } | undefined> => {
       if (exited !== undefined || pid === undefined) {
         const output = await readFile(this.#logFile, 'utf8').then((text) => text.slice(logStart).trim());
         throw new Error(
@@ -361,19 +366,29 @@ export class QemuStorageDaemon {
         );
       }
       try {
-        const qmp = await QmpClient.connect(this.#socketPath, { timeoutMs: 5_000 });
-        this.#logger.info(
-          { pid, port: this.#port, listenAddress: this.#listenAddress },
-          'qemu-storage-daemon started',
-        );
-        return { qmp, pid };
+        return { qmp: await QmpClient.connect(this.#socketPath, { timeoutMs: 5_000 }), pid };
       } catch (error) {
-        if (Date.now() > deadline) {
-          if (processAlive(pid)) process.kill(pid, 'SIGTERM');
-          throw new Error(`qemu-storage-daemon did not answer on ${this.#socketPath}`, { cause: error });
-        }
-        await sleep(100);
+        lastConnectError = error; // refused until the daemon has created its socket: not yet
+        return undefined;
       }
+    };
+    try {
+      const daemon = await waitFor(started, {
+        timeoutMs: this.#timeoutMs,
+        what: `qemu-storage-daemon to answer on ${this.#socketPath}`,
+      });
+      this.#logger.info(
+        { pid, port: this.#port, listenAddress: this.#listenAddress },
+        'qemu-storage-daemon started',
+      );
+      return daemon;
+    } catch (error) {
+      if (!(error instanceof WaitTimeoutError)) throw error;
+      if (pid !== undefined && isRunning(pid)) process.kill(pid, 'SIGTERM');
+      throw new Error(
+        `qemu-storage-daemon did not answer on ${this.#socketPath} within ${this.#timeoutMs} ms`,
+        { cause: lastConnectError ?? error },
+      );
     }
   }
 
@@ -434,11 +449,10 @@ export class QemuStorageDaemon {
     }
     // The event may have gone out before we listened (an export already shutting down): poll too.
     let settled = false;
-    const gone = waitFor(
-      async () => settled || !(await this.#liveExports(qmp)).has(id),
-      this.#timeoutMs,
-      `export ${id} to go`,
-    );
+    const gone = waitUntil(async () => settled || !(await this.#liveExports(qmp)).has(id), {
+      timeoutMs: this.#timeoutMs,
+      what: `export ${id} to go`,
+    });
     try {
       await Promise.race([deleted.promise, gone]);
     } finally {
@@ -483,46 +497,23 @@ export class QemuStorageDaemon {
     await writeExportState(this.#stateFile, this.#records);
   }
 
-  async #readPid(): Promise<number | undefined> {
-    try {
-      const pid = Number.parseInt((await readFile(this.#pidFile, 'utf8')).trim(), 10);
-      return Number.isInteger(pid) && pid > 0 ? pid : undefined;
-    } catch {
-      return undefined;
-    }
-  }
-
   /**
    * The pid of this state directory's running daemon: the one we know, the pid file's, or
    * (a lost or stale pid file must not make us start a second daemon) one found in /proc.
    */
   async #runningDaemon(): Promise<number | undefined> {
-    for (const pid of [this.#pid, await this.#readPid()])
-      if (pid !== undefined && (await this.#isOurDaemon(pid))) return pid;
-    return this.#findDaemon();
+    for (const pid of [this.#pid, await readPidFile(this.#pidFile)])
+      if (pid !== undefined && this.#isOurDaemon(pid, commandLineOf(pid))) return pid;
+    // Looks through /proc for a qemu-storage-daemon with our QMP socket.
+    return findProcesses((argv, pid) => this.#isOurDaemon(pid, argv))[0];
   }
 
-  /** Looks through /proc for a qemu-storage-daemon with our QMP socket. */
-  async #findDaemon(): Promise<number | undefined> {
-    const entries = await readdir('/proc').catch(() => [] as string[]);
-    for (const entry of entries) {
-      if (!/^\d+$/.test(entry)) continue;
-      const pid = Number(entry);
-      if (await this.#isOurDaemon(pid)) return pid;
-    }
-    return undefined;
-  }
-
-  /** The pid is a qemu-storage-daemon whose QMP socket is ours (not a recycled pid). */
-  async #isOurDaemon(pid: number): Promise<boolean> {
-    try {
-      const argv = (await readFile(`/proc/${pid}/cmdline`, 'utf8')).split('\0');
-      const program = basename(argv[0] ?? '');
-      const socketOption = `path=${qemuOptionValue(this.#socketPath)},`;
-      return program.startsWith('qemu-storage-daemon') && argv.some((arg) => arg.includes(socketOption));
-    } catch {
-      return false;
-    }
+  /** The pid runs a qemu-storage-daemon whose QMP socket is ours (not a recycled pid). */
+  #isOurDaemon(pid: number, argv: readonly string[] | undefined): boolean {
+    if (argv === undefined || !isRunning(pid)) return false;
+    const program = basename(argv[0] ?? '');
+    const socketOption = `path=${qemuOptionValue(this.#socketPath)},`;
+    return program.startsWith('qemu-storage-daemon') && argv.some((arg) => arg.includes(socketOption));
   }
 }
 
@@ -540,29 +531,4 @@ function checkConfig(config: ExportConfig): void {
 /** A value inside a QEMU `key=value,...` option: commas are doubled. */
 function qemuOptionValue(value: string): string {
   return value.replaceAll(',', ',,');
-}
-
-function processAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (error) {
-    return (error as NodeJS.ErrnoException).code === 'EPERM';
-  }
-}
-
-function sleep(ms: number): Promise<void> {
-  return new Promise((resolve) => setTimeout(resolve, ms));
-}
-
-async function waitFor(
-  check: () => boolean | Promise<boolean>,
-  timeoutMs: number,
-  what: string,
-): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (!(await check())) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await sleep(100);
-  }
 }

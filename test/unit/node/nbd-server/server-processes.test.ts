@@ -1,9 +1,6 @@
 import { describe, expect, it } from 'vitest';
-import {
-  isServerCommandLine,
-  listeningInodes,
-  processState,
-} from '../../../../src/node/nbd-server/server-processes.js';
+import { isServerCommandLine, listeningInodes } from '../../../../src/node/nbd-server/server-processes.js';
+import { processState } from '../../../../src/node/process/proc-scan.js';
 
 describe('listeningInodes', () => {
   const table = [
