@@ -241,6 +241,31 @@ export class QemuStorageDaemon {
     });
   }
 
+  /**
+   * Per served export, the highest guest offset written through it since the daemon opened
+   * it (`wr_highest_offset` of its format node), for /metrics. Read-only: when the daemon is
+   * not connected this answers an empty map rather than starting it. QEMU 7.2 keeps no byte
+   * or operation counts for NBD exports (query-blockstats shows 0), so this is all it tells.
+   */
+  highestWrittenOffsets(): Promise<Map<string, number>> {
+    return this.#serial(async () => {
+      const offsets = new Map<string, number>();
+      const qmp = this.#qmp;
+      if (!qmp || qmp.closed) return offsets;
+      const stats = await this.#execute<{ 'node-name'?: string; stats: { wr_highest_offset: number } }[]>(
+        qmp,
+        'query-blockstats',
+        { 'query-nodes': true },
+      );
+      const byNode = new Map(stats.map((s) => [s['node-name'], s.stats.wr_highest_offset]));
+      for (const [name, record] of this.#records) {
+        const offset = byNode.get(record.nodeNames.format);
+        if (record.state === 'served' && offset !== undefined) offsets.set(name, offset);
+      }
+      return offsets;
+    });
+  }
+
   /** Names of the daemon's block nodes (diagnostics; ours start with `nbdx-`). */
   blockNodes(): Promise<string[]> {
     return this.#serial(async () => this.#nodeNames(await this.#connected()));
