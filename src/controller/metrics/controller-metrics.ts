@@ -360,12 +360,14 @@ function labelsOf(figure: ExportFigures): Record<(typeof EXPORT_LABELS)[number],
   return { namespace: figure.namespace, name: figure.name, export: figure.export, server: figure.server };
 }
 
-/** A label value of few values: an errno-style code when there is one, else the error's class. */
+/**
+ * A label value of few values: an errno-style code when there is one (EACCES), else the
+ * error's class with the reason it carries, if any (KubeApiError/Conflict, QmpError).
+ */
 export function errorReason(error: unknown): string {
-  if (error instanceof Error) {
-    const code = (error as { code?: unknown }).code;
-    if (typeof code === 'string' && /^[A-Z][A-Z0-9_]{1,31}$/.test(code)) return code;
-    return /^[A-Za-z][A-Za-z0-9]{0,63}$/.test(error.name) ? error.name : 'Error';
-  }
-  return 'NonError';
+  if (!(error instanceof Error)) return 'NonError';
+  const { code, reason } = error as { code?: unknown; reason?: unknown };
+  if (typeof code === 'string' && /^[A-Z][A-Z0-9_]{1,31}$/.test(code)) return code;
+  const name = /^[A-Za-z][A-Za-z0-9]{0,63}$/.test(error.name) ? error.name : 'Error';
+  return typeof reason === 'string' && /^[A-Z][A-Za-z]{0,63}$/.test(reason) ? `${name}/${reason}` : name;
 }
