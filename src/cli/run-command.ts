@@ -47,6 +47,7 @@ export async function runController(options: RunOptions): Promise<void> {
     workQueue: () => controller.metrics(),
     servers: () => services.serverFigures(),
     exports: () => services.exportFigures(),
+    qemuStorageDaemonIo: () => services.qemuStorageDaemonIo(),
     kubeStore: kubeFigures,
   });
   const controller: Controller = new Controller({

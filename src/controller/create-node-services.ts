@@ -13,6 +13,7 @@ import { QemuStorageDaemon } from '../node/qemu-storage-daemon/qemu-storage-daem
 import { resolvePath } from '../node/resolve-path.js';
 import type { ExportFigures, ServerFigures } from './metrics/controller-metrics.js';
 import { collectExportFigures } from './metrics/export-figures.js';
+import { readProcessIo, type ProcessIo } from './metrics/process-io.js';
 import type { NodeServices } from './node-services.js';
 
 export interface NodeServicesOptions {
@@ -30,6 +31,8 @@ export interface StartedNodeServices extends NodeServices {
   serverFigures(): ServerFigures;
   /** For /metrics: every export served, with its server's figures. */
   exportFigures(): Promise<ExportFigures[]>;
+  /** For /metrics: qemu-storage-daemon's I/O counters, while it runs. */
+  qemuStorageDaemonIo(): Promise<ProcessIo | undefined>;
 }
 
 export async function createNodeServices(options: NodeServicesOptions): Promise<StartedNodeServices> {
@@ -95,6 +98,10 @@ export async function createNodeServices(options: NodeServicesOptions): Promise<
         qemuStorageDaemon: { running: qemu.status().running },
         ownedExports: ledger.all().length,
       };
+    },
+    qemuStorageDaemonIo() {
+      const { running, pid } = qemu.status();
+      return running && pid !== undefined ? readProcessIo(pid) : Promise.resolve(undefined);
     },
     exportFigures() {
       return collectExportFigures({

@@ -61,6 +61,7 @@ describe('/metrics on a plain host', () => {
     const scratchLabels = { ...exportLabels('scratch'), export: 'it.scratch', server: 'nbd-server' };
     expect(valueOf(exposition, 'nbdx_export_written_highest_offset_bytes', diskLabels)).toBe(0);
     expect(valueOf(exposition, 'nbdx_export_connected_clients', scratchLabels)).toBe(0);
+    const qemuWrittenBefore = valueOf(exposition, 'nbdx_qemu_storage_daemon_written_bytes_total');
 
     // 12 MiB written into the qcow2 export from offset 0.
     const payload = join(node.root, 'payload.bin');
@@ -70,6 +71,10 @@ describe('/metrics on a plain host', () => {
     expect(
       valueOf(exposition, 'nbdx_export_written_highest_offset_bytes', diskLabels),
     ).toBeGreaterThanOrEqual(12 * MiB);
+    // The daemon's own write counter grew by at least the data (plus qcow2 metadata).
+    const qemuWritten =
+      valueOf(exposition, 'nbdx_qemu_storage_daemon_written_bytes_total') - qemuWrittenBefore;
+    expect(qemuWritten).toBeGreaterThanOrEqual(12 * MiB);
 
     // A client holds its connection to the raw export: it is counted while connected, then not.
     const transfer = new HeldTransfer(payload, node.uri(scratch), 4 * MiB);

@@ -10,6 +10,7 @@
 import { collectDefaultMetrics, Counter, Gauge, Histogram, Registry } from 'prom-client';
 import type { KubeExportStoreMetrics } from '../../kube/kube-export-store.js';
 import type { WorkQueueMetrics } from '../work-queue.js';
+import type { ProcessIo } from './process-io.js';
 
 export type ServerName = 'nbd-server' | 'qemu-storage-daemon';
 
@@ -41,6 +42,8 @@ export interface MetricsSources {
   workQueue(): WorkQueueMetrics;
   servers(): ServerFigures;
   exports(): Promise<ExportFigures[]>;
+  /** qemu-storage-daemon's I/O counters; undefined while it does not run. */
+  qemuStorageDaemonIo(): Promise<ProcessIo | undefined>;
   /** Only in Kubernetes mode. */
   kubeStore?: (() => KubeExportStoreMetrics) | undefined;
 }
@@ -177,12 +180,60 @@ export class ControllerMetrics implements ReconcileRecorder {
       'Whether qemu-storage-daemon runs and the controller is connected to its QMP socket',
       () => Number(sources.servers().qemuStorageDaemon.running),
     );
+    this.#registerQemuIo(registers, sources);
     gauge(
       registers,
       'nbdx_owned_exports',
       'Resources this node serves or cleans up (entries of the ownership ledger)',
       () => sources.servers().ownedExports,
     );
+  }
+
+  /**
+   * qemu-storage-daemon's own counters, for all its exports together (QEMU counts nothing per
+   * NBD export). They start from 0 when the daemon restarts, which rate() takes as a reset.
+   */
+  #registerQemuIo(registers: Registry[], sources: MetricsSources): void {
+    const figures: [string, string, keyof ProcessIo][] = [
+      [
+        'nbdx_qemu_storage_daemon_read_bytes_total',
+        'Bytes qemu-storage-daemon read with read system calls, nearly all from its images, for all its exports together (rchar of /proc/<pid>/io; NBD traffic is not counted)',
+        'readBytes',
+      ],
+      [
+        'nbdx_qemu_storage_daemon_written_bytes_total',
+        'Bytes qemu-storage-daemon wrote with write system calls, nearly all to its images (data and qcow2 metadata), for all its exports together (wchar of /proc/<pid>/io)',
+        'writtenBytes',
+      ],
+      [
+        'nbdx_qemu_storage_daemon_read_syscalls_total',
+        'Read system calls of qemu-storage-daemon (syscr of /proc/<pid>/io)',
+        'readCalls',
+      ],
+      [
+        'nbdx_qemu_storage_daemon_write_syscalls_total',
+        'Write system calls of qemu-storage-daemon (syscw of /proc/<pid>/io)',
+        'writeCalls',
+      ],
+    ];
+    let pending: Promise<ProcessIo | undefined> | undefined;
+    const ioOnce = (): Promise<ProcessIo | undefined> => {
+      pending ??= sources.qemuStorageDaemonIo().finally(() => queueMicrotask(() => (pending = undefined)));
+      return pending;
+    };
+    for (const [name, help, figure] of figures)
+      new Counter({
+        name,
+        help,
+        registers,
+        async collect() {
+          const io = await ioOnce();
+          this.reset();
+          // No series while the daemon does not run, rather than a 0 that looks like a reset.
+          if (io !== undefined) this.inc(io[figure]);
+          else this.remove();
+        },
+      });
   }
 
   /**

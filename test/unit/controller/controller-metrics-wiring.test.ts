@@ -71,6 +71,7 @@ describe('Controller → metrics', () => {
         ownedExports: 0,
       }),
       exports: () => Promise.resolve([]),
+      qemuStorageDaemonIo: () => Promise.resolve(undefined),
     });
     controller = new Controller({ store, services, policy, logger: pino({ level: 'silent' }), metrics });
     await controller.start();

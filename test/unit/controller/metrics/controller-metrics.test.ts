@@ -8,6 +8,7 @@ import {
 } from '../../../../src/controller/metrics/controller-metrics.js';
 import type { WorkQueueMetrics } from '../../../../src/controller/work-queue.js';
 import type { KubeExportStoreMetrics } from '../../../../src/kube/kube-export-store.js';
+import { parseProcessIo, type ProcessIo } from '../../../../src/controller/metrics/process-io.js';
 import { PermanentError } from '../../../../src/controller/work-queue.js';
 import { parseExposition, samplesOf, valueOf, type Exposition } from '../../../support/prometheus-text.js';
 
@@ -69,6 +70,8 @@ function fakeSources(kube?: () => KubeExportStoreMetrics) {
     } as ServerFigures,
     exports: [] as ExportFigures[],
     exportReads: 0,
+    qemuIo: undefined as ProcessIo | undefined,
+    qemuIoReads: 0,
   };
   const sources: MetricsSources = {
     ready: () => state.ready,
@@ -77,6 +80,10 @@ function fakeSources(kube?: () => KubeExportStoreMetrics) {
     exports: () => {
       state.exportReads++;
       return Promise.resolve(state.exports);
+    },
+    qemuStorageDaemonIo: () => {
+      state.qemuIoReads++;
+      return Promise.resolve(state.qemuIo);
     },
     kubeStore: kube,
   };
@@ -145,6 +152,40 @@ describe('ControllerMetrics', () => {
     expect(valueOf(exposition, 'nbdx_reconciles_total')).toBe(31);
     expect(valueOf(exposition, 'nbdx_nbd_server_restarts_total')).toBe(7);
     expect(valueOf(exposition, 'nbdx_nbd_server_start_failing')).toBe(1);
+  });
+
+  it("shows qemu-storage-daemon's I/O counters while it runs, and no series while it does not", async () => {
+    const { state, sources } = fakeSources();
+    const metrics = new ControllerMetrics(sources);
+    state.qemuIo = { readBytes: 1000, writtenBytes: 8_520_606, readCalls: 43, writeCalls: 150 };
+    let exposition = await scrape(metrics);
+    expect(valueOf(exposition, 'nbdx_qemu_storage_daemon_read_bytes_total')).toBe(1000);
+    expect(valueOf(exposition, 'nbdx_qemu_storage_daemon_written_bytes_total')).toBe(8_520_606);
+    expect(valueOf(exposition, 'nbdx_qemu_storage_daemon_read_syscalls_total')).toBe(43);
+    expect(valueOf(exposition, 'nbdx_qemu_storage_daemon_write_syscalls_total')).toBe(150);
+    expect(state.qemuIoReads).toBe(1); // one read of /proc for the four counters
+
+    state.qemuIo = undefined;
+    exposition = await scrape(metrics);
+    expect(
+      exposition.samples.filter(
+        (s) => s.name.startsWith('nbdx_qemu_storage_daemon_') && s.name !== 'nbdx_qemu_storage_daemon_up',
+      ),
+    ).toEqual([]);
+    expect(exposition.types.get('nbdx_qemu_storage_daemon_written_bytes_total')).toBe('counter');
+  });
+
+  it('reads /proc/<pid>/io, and nothing from text that lacks its fields', () => {
+    const text =
+      'rchar: 8548307\nwchar: 8525726\nsyscr: 643\nsyscw: 790\nread_bytes: 0\nwrite_bytes: 8531968\ncancelled_write_bytes: 0\n';
+    expect(parseProcessIo(text)).toEqual({
+      readBytes: 8548307,
+      writtenBytes: 8525726,
+      readCalls: 643,
+      writeCalls: 790,
+    });
+    expect(parseProcessIo('rchar: 1\nwchar: 2\n')).toBeUndefined();
+    expect(parseProcessIo('')).toBeUndefined();
   });
 
   it('histograms reconciles by result and probes by server and result, and counts errors by reason', async () => {
