@@ -94,6 +94,7 @@ export async function createNodeServices(options: NodeServicesOptions): Promise<
           restarts: nbd.restarts,
           failing: nbd.lastError !== null,
           loadedExports: nbdServer.loaded().size,
+          lastRestartAt: nbd.lastRestartAt,
         },
         qemuStorageDaemon: { running: qemu.status().running },
         ownedExports: ledger.all().length,
@@ -107,6 +108,7 @@ export async function createNodeServices(options: NodeServicesOptions): Promise<
       return collectExportFigures({
         ledgerRecords: () => ledger.all(),
         nbdServerConnections: () => nbdServer.connections(),
+        nbdServerStaleConnections: () => nbdServer.staleConnections(),
         qemuHighestWrittenOffsets: () => qemu.highestWrittenOffsets(),
       });
     },

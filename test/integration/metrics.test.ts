@@ -119,6 +119,10 @@ describe('/metrics on a plain host', () => {
     expect(valueOf(exposition, 'nbdx_nbd_server_up')).toBe(1);
     expect(valueOf(exposition, 'nbdx_nbd_server_restarts_total')).toBeGreaterThanOrEqual(1);
     expect(valueOf(exposition, 'nbdx_nbd_server_loaded_exports')).toBe(1);
+    expect(valueOf(exposition, 'nbdx_nbd_server_last_restart_timestamp_seconds')).toBeGreaterThan(
+      valueOf(exposition, 'process_start_time_seconds') - 1,
+    );
+    expect(valueOf(exposition, 'nbdx_export_stale_clients', scratchLabels)).toBe(0);
     expect(valueOf(exposition, 'nbdx_qemu_storage_daemon_up')).toBe(1);
     expect(valueOf(exposition, 'nbdx_owned_exports')).toBe(2);
     // The Node process and runtime.

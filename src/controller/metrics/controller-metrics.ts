@@ -18,7 +18,14 @@ export type ServerName = 'nbd-server' | 'qemu-storage-daemon';
 export type ReconcileResult = 'success' | 'requeue' | 'error' | 'permanent_error';
 
 export interface ServerFigures {
-  nbdServer: { running: boolean; restarts: number; failing: boolean; loadedExports: number };
+  nbdServer: {
+    running: boolean;
+    restarts: number;
+    failing: boolean;
+    loadedExports: number;
+    /** When this controller last started or restarted it; null when it has not. */
+    lastRestartAt: Date | null;
+  };
   qemuStorageDaemon: { running: boolean };
   /** Resources this node serves or cleans up (the ownership ledger). */
   ownedExports: number;
@@ -32,6 +39,8 @@ export interface ExportFigures {
   server: ServerName;
   /** Clients connected now; only nbd-server can tell (one process per client). */
   connectedClients?: number;
+  /** Of those, clients still served an older configuration of the export (nbd-server). */
+  staleClients?: number;
   /** Highest guest offset written through the export; only qemu-storage-daemon can tell. */
   highestWrittenOffsetBytes?: number;
 }
@@ -168,6 +177,17 @@ export class ControllerMetrics implements ReconcileRecorder {
       'Whether the last start or restart of nbd-server failed (the watchdog retries it)',
       () => Number(sources.servers().nbdServer.failing),
     );
+    new Gauge({
+      name: 'nbdx_nbd_server_last_restart_timestamp_seconds',
+      help: 'When this controller process last started or restarted nbd-server (Unix time); no series before it has. Each restart closes the port for a few milliseconds',
+      registers,
+      collect() {
+        const at = sources.servers().nbdServer.lastRestartAt;
+        this.reset();
+        if (at === null) this.remove();
+        else this.set(at.getTime() / 1000);
+      },
+    });
     gauge(
       registers,
       'nbdx_nbd_server_loaded_exports',
@@ -256,6 +276,18 @@ export class ControllerMetrics implements ReconcileRecorder {
         this.reset();
         for (const figure of figures)
           if (figure.connectedClients !== undefined) this.set(labelsOf(figure), figure.connectedClients);
+      },
+    });
+    new Gauge({
+      name: 'nbdx_export_stale_clients',
+      help: 'Clients of an nbd-server export still served the configuration they connected under, from before a change (the resource shows RestartPending until they leave). Only nbd-server exports have this series',
+      labelNames: EXPORT_LABELS,
+      registers,
+      async collect() {
+        const figures = await exportsOnce();
+        this.reset();
+        for (const figure of figures)
+          if (figure.staleClients !== undefined) this.set(labelsOf(figure), figure.staleClients);
       },
     });
     new Gauge({

@@ -10,6 +10,8 @@ export interface ExportFigureSources {
   ledgerRecords(): OwnershipRecord[];
   /** nbd-server: per export name, the pids of its per-client processes. */
   nbdServerConnections(): Promise<ReadonlyMap<string, readonly number[]>>;
+  /** nbd-server: per export name, clients still on an older configuration of it. */
+  nbdServerStaleConnections(): Promise<ReadonlyMap<string, number>>;
   /** qemu-storage-daemon: per export name, the highest guest offset written through it. */
   qemuHighestWrittenOffsets(): Promise<ReadonlyMap<string, number>>;
 }
@@ -17,10 +19,10 @@ export interface ExportFigureSources {
 export async function collectExportFigures(sources: ExportFigureSources): Promise<ExportFigures[]> {
   const records = sources.ledgerRecords().filter((r) => r.exportName !== undefined && r.server !== undefined);
   // Each server is asked only when it serves something of ours.
-  const [connections, offsets] = await Promise.all([
-    records.some((r) => r.server === 'nbd-server')
-      ? sources.nbdServerConnections()
-      : new Map<string, readonly number[]>(),
+  const servesNbd = records.some((r) => r.server === 'nbd-server');
+  const [connections, stale, offsets] = await Promise.all([
+    servesNbd ? sources.nbdServerConnections() : new Map<string, readonly number[]>(),
+    servesNbd ? sources.nbdServerStaleConnections() : new Map<string, number>(),
     records.some((r) => r.server === 'qemu-storage-daemon')
       ? sources.qemuHighestWrittenOffsets()
       : new Map<string, number>(),
@@ -35,6 +37,7 @@ export async function collectExportFigures(sources: ExportFigureSources): Promis
         ...base,
         server: 'nbd-server',
         connectedClients: connections.get(exportName)?.length ?? 0,
+        staleClients: stale.get(exportName) ?? 0,
       });
     else if (record.server === 'qemu-storage-daemon') {
       const offset = offsets.get(exportName);

@@ -66,7 +66,7 @@ describe('Controller → metrics', () => {
       ready: () => controller?.ready ?? false,
       workQueue: () => controller!.metrics(),
       servers: () => ({
-        nbdServer: { running: true, restarts: 0, failing: false, loadedExports: 0 },
+        nbdServer: { running: true, restarts: 0, failing: false, loadedExports: 0, lastRestartAt: null },
         qemuStorageDaemon: { running: true },
         ownedExports: 0,
       }),

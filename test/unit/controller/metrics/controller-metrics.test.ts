@@ -64,7 +64,13 @@ function fakeSources(kube?: () => KubeExportStoreMetrics) {
     ready: true,
     queue: queueFigures(),
     servers: {
-      nbdServer: { running: true, restarts: 6, failing: false, loadedExports: 2 },
+      nbdServer: {
+        running: true,
+        restarts: 6,
+        failing: false,
+        loadedExports: 2,
+        lastRestartAt: null as Date | null,
+      },
       qemuStorageDaemon: { running: false },
       ownedExports: 3,
     } as ServerFigures,
@@ -100,6 +106,7 @@ const raw: ExportFigures = {
   export: 'backups.scratch',
   server: 'nbd-server',
   connectedClients: 2,
+  staleClients: 1,
 };
 const qcow2: ExportFigures = {
   namespace: 'backups',
@@ -139,12 +146,18 @@ describe('ControllerMetrics', () => {
     expect(valueOf(exposition, 'nbdx_nbd_server_loaded_exports')).toBe(2);
     expect(valueOf(exposition, 'nbdx_qemu_storage_daemon_up')).toBe(0);
     expect(valueOf(exposition, 'nbdx_owned_exports')).toBe(3);
+    expect(samplesOf(exposition, 'nbdx_nbd_server_last_restart_timestamp_seconds')).toEqual([]);
 
     state.ready = false;
     state.queue = queueFigures({ depth: 0, runsTotal: 31 });
     state.servers = {
       ...state.servers,
-      nbdServer: { ...state.servers.nbdServer, failing: true, restarts: 7 },
+      nbdServer: {
+        ...state.servers.nbdServer,
+        failing: true,
+        restarts: 7,
+        lastRestartAt: new Date('2026-11-30T10:00:00.500Z'),
+      },
     };
     exposition = await scrape(metrics);
     expect(valueOf(exposition, 'nbdx_ready')).toBe(0);
@@ -152,6 +165,9 @@ describe('ControllerMetrics', () => {
     expect(valueOf(exposition, 'nbdx_reconciles_total')).toBe(31);
     expect(valueOf(exposition, 'nbdx_nbd_server_restarts_total')).toBe(7);
     expect(valueOf(exposition, 'nbdx_nbd_server_start_failing')).toBe(1);
+    expect(valueOf(exposition, 'nbdx_nbd_server_last_restart_timestamp_seconds')).toBe(
+      Date.parse('2026-11-30T10:00:00.500Z') / 1000,
+    );
   });
 
   it("shows qemu-storage-daemon's I/O counters while it runs, and no series while it does not", async () => {
@@ -236,6 +252,8 @@ describe('ControllerMetrics', () => {
         value: 2,
       },
     ]);
+    expect(valueOf(exposition, 'nbdx_export_stale_clients', { name: 'scratch' })).toBe(1);
+    expect(samplesOf(exposition, 'nbdx_export_stale_clients')).toHaveLength(1);
     expect(samplesOf(exposition, 'nbdx_export_written_highest_offset_bytes')).toEqual([
       {
         name: 'nbdx_export_written_highest_offset_bytes',
@@ -257,6 +275,7 @@ describe('ControllerMetrics', () => {
     state.exports = [{ ...qcow2, highestWrittenOffsetBytes: 8 << 20 }];
     exposition = await scrape(metrics);
     expect(samplesOf(exposition, 'nbdx_export_connected_clients')).toEqual([]);
+    expect(samplesOf(exposition, 'nbdx_export_stale_clients')).toEqual([]);
     expect(valueOf(exposition, 'nbdx_export_written_highest_offset_bytes', { name: 'vm-1-incr' })).toBe(
       8 << 20,
     );

@@ -6,12 +6,16 @@ import {
 import type { OwnershipRecord } from '../../../../src/node/ownership-ledger.js';
 
 function sources(records: OwnershipRecord[]) {
-  const asked = { nbdServer: 0, qemu: 0 };
+  const asked = { nbdServer: 0, nbdServerStale: 0, qemu: 0 };
   const figureSources: ExportFigureSources = {
     ledgerRecords: () => records,
     nbdServerConnections: () => {
       asked.nbdServer++;
       return Promise.resolve(new Map([['ns.raw', [101, 102]]]));
+    },
+    nbdServerStaleConnections: () => {
+      asked.nbdServerStale++;
+      return Promise.resolve(new Map([['ns.raw', 1]]));
     },
     qemuHighestWrittenOffsets: () => {
       asked.qemu++;
@@ -31,8 +35,22 @@ describe('collectExportFigures', () => {
       { uid: 'u5', key: 'ns/no-export', createdImage: { path: '/srv/x.qcow2' } },
     ]);
     expect(await collectExportFigures(figureSources)).toEqual([
-      { namespace: 'ns', name: 'raw', export: 'ns.raw', server: 'nbd-server', connectedClients: 2 },
-      { namespace: 'ns', name: 'idle', export: 'ns.idle', server: 'nbd-server', connectedClients: 0 },
+      {
+        namespace: 'ns',
+        name: 'raw',
+        export: 'ns.raw',
+        server: 'nbd-server',
+        connectedClients: 2,
+        staleClients: 1,
+      },
+      {
+        namespace: 'ns',
+        name: 'idle',
+        export: 'ns.idle',
+        server: 'nbd-server',
+        connectedClients: 0,
+        staleClients: 0,
+      },
       {
         namespace: 'ns',
         name: 'qcow2',
@@ -50,9 +68,9 @@ describe('collectExportFigures', () => {
       { uid: 'u1', key: 'ns/raw', exportName: 'ns.raw', server: 'nbd-server' },
     ]);
     await collectExportFigures(figureSources);
-    expect(asked).toEqual({ nbdServer: 1, qemu: 0 });
+    expect(asked).toEqual({ nbdServer: 1, nbdServerStale: 1, qemu: 0 });
     const none = sources([]);
     expect(await collectExportFigures(none.figureSources)).toEqual([]);
-    expect(none.asked).toEqual({ nbdServer: 0, qemu: 0 });
+    expect(none.asked).toEqual({ nbdServer: 0, nbdServerStale: 0, qemu: 0 });
   });
 });
