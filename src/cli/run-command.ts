@@ -42,14 +42,17 @@ export async function runController(options: RunOptions): Promise<void> {
     rawServer: options.rawServer,
   };
   // The metrics read the controller only at scrape time, once the health server listens.
-  const metrics: ControllerMetrics = new ControllerMetrics({
-    ready: () => controller.ready,
-    workQueue: () => controller.metrics(),
-    servers: () => services.serverFigures(),
-    exports: () => services.exportFigures(),
-    qemuStorageDaemonIo: () => services.qemuStorageDaemonIo(),
-    kubeStore: kubeFigures,
-  });
+  const metrics: ControllerMetrics = new ControllerMetrics(
+    {
+      ready: () => controller.ready,
+      workQueue: () => controller.metrics(),
+      servers: () => services.serverFigures(),
+      exports: () => services.exportFigures(),
+      qemuStorageDaemonIo: () => services.qemuStorageDaemonIo(),
+      kubeStore: kubeFigures,
+    },
+    { onSourceError: (source, error) => logger.warn({ source, err: error }, 'a metrics source failed') },
+  );
   const controller: Controller = new Controller({
     store,
     services,

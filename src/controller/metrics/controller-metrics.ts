@@ -63,6 +63,11 @@ export interface ReconcileRecorder {
   observeProbe(server: ServerName, ok: boolean, seconds: number): void;
 }
 
+interface ScrapeSnapshot {
+  exports: Promise<ExportFigures[]>;
+  qemuIo: Promise<ProcessIo | undefined>;
+}
+
 const EXPORT_LABELS = ['namespace', 'name', 'export', 'server'] as const;
 
 /** Reconciles take milliseconds when converged and up to minutes when they create images. */
@@ -75,8 +80,19 @@ export class ControllerMetrics implements ReconcileRecorder {
   readonly #reconcileDuration: Histogram<'result'>;
   readonly #reconcileErrors: Counter<'reason'>;
   readonly #probeDuration: Histogram<'server' | 'result'>;
+  readonly #sourceErrors: Counter<'source'>;
 
-  constructor(sources: MetricsSources) {
+  readonly #sources: MetricsSources;
+  #snapshot: ScrapeSnapshot | undefined;
+  readonly #onSourceError: ((source: string, error: unknown) => void) | undefined;
+
+  /** `onSourceError` is told why a source failed (its series are left out of that scrape). */
+  constructor(
+    sources: MetricsSources,
+    options: { onSourceError?: (source: string, error: unknown) => void } = {},
+  ) {
+    this.#onSourceError = options.onSourceError;
+    this.#sources = sources;
     const registers = [this.registry];
     collectDefaultMetrics({ register: this.registry });
 
@@ -101,12 +117,18 @@ export class ControllerMetrics implements ReconcileRecorder {
       registers,
     });
 
+    this.#sourceErrors = new Counter({
+      name: 'nbdx_metrics_source_errors_total',
+      help: 'Scrapes that could not read a source of figures (exports: the servers per export; qemu_storage_daemon_io: /proc of the daemon); its series are left out of that scrape',
+      labelNames: ['source'],
+      registers,
+    });
     gauge(registers, 'nbdx_ready', 'Whether the source has synced (1) or not (0)', () =>
       Number(sources.ready()),
     );
     this.#registerWorkQueue(registers, sources);
     this.#registerServers(registers, sources);
-    this.#registerExports(registers, sources);
+    this.#registerExports(registers);
     if (sources.kubeStore) this.#registerKube(registers, sources.kubeStore);
   }
 
@@ -121,12 +143,51 @@ export class ControllerMetrics implements ReconcileRecorder {
   }
 
   /** The exposition in Prometheus' text format. */
-  render(): Promise<string> {
-    return this.registry.metrics();
+  async render(): Promise<string> {
+    // The slow sources are read first, so that a failure is counted in this very scrape.
+    const snapshot = this.#scrape();
+    await Promise.all([snapshot.exports, snapshot.qemuIo]);
+    this.#snapshot = snapshot;
+    try {
+      return await this.registry.metrics();
+    } finally {
+      if (this.#snapshot === snapshot) this.#snapshot = undefined;
+    }
+  }
+
+  /**
+   * The figures that cost a read of the servers or of /proc, read once per scrape (and once
+   * for all the metrics a bare `registry.metrics()` collects at the same time).
+   */
+  #scrape(): ScrapeSnapshot {
+    if (this.#snapshot) return this.#snapshot;
+    const snapshot: ScrapeSnapshot = {
+      exports: this.#tolerant('exports', () => this.#sources.exports(), []),
+      qemuIo: this.#tolerant('qemu_storage_daemon_io', () => this.#sources.qemuStorageDaemonIo(), undefined),
+    };
+    this.#snapshot = snapshot;
+    queueMicrotask(() => {
+      if (this.#snapshot === snapshot) this.#snapshot = undefined;
+    });
+    return snapshot;
   }
 
   get contentType(): string {
     return this.registry.contentType;
+  }
+
+  /**
+   * A source that fails (a QMP query timing out, say) costs its own series in that scrape, and
+   * counts here; the rest of /metrics is still answered.
+   */
+  async #tolerant<T>(source: string, read: () => Promise<T>, fallback: T): Promise<T> {
+    try {
+      return await read();
+    } catch (error) {
+      this.#sourceErrors.inc({ source });
+      this.#onSourceError?.(source, error);
+      return fallback;
+    }
   }
 
   #registerWorkQueue(registers: Registry[], sources: MetricsSources): void {
@@ -200,7 +261,7 @@ export class ControllerMetrics implements ReconcileRecorder {
       'Whether qemu-storage-daemon runs and the controller is connected to its QMP socket',
       () => Number(sources.servers().qemuStorageDaemon.running),
     );
-    this.#registerQemuIo(registers, sources);
+    this.#registerQemuIo(registers);
     gauge(
       registers,
       'nbdx_owned_exports',
@@ -213,7 +274,9 @@ export class ControllerMetrics implements ReconcileRecorder {
    * qemu-storage-daemon's own counters, for all its exports together (QEMU counts nothing per
    * NBD export). They start from 0 when the daemon restarts, which rate() takes as a reset.
    */
-  #registerQemuIo(registers: Registry[], sources: MetricsSources): void {
+  #registerQemuIo(registers: Registry[]): void {
+    // collect() runs with the metric as `this`; this arrow keeps ours.
+    const scrape = () => this.#scrape();
     const figures: [string, string, keyof ProcessIo][] = [
       [
         'nbdx_qemu_storage_daemon_read_bytes_total',
@@ -236,18 +299,13 @@ export class ControllerMetrics implements ReconcileRecorder {
         'writeCalls',
       ],
     ];
-    let pending: Promise<ProcessIo | undefined> | undefined;
-    const ioOnce = (): Promise<ProcessIo | undefined> => {
-      pending ??= sources.qemuStorageDaemonIo().finally(() => queueMicrotask(() => (pending = undefined)));
-      return pending;
-    };
     for (const [name, help, figure] of figures)
       new Counter({
         name,
         help,
         registers,
         async collect() {
-          const io = await ioOnce();
+          const io = await scrape().qemuIo;
           this.reset();
           // No series while the daemon does not run, rather than a 0 that looks like a reset.
           if (io !== undefined) this.inc(io[figure]);
@@ -260,19 +318,16 @@ export class ControllerMetrics implements ReconcileRecorder {
    * Per-export series are rebuilt on every scrape from what is served now, so those of a
    * deleted export are gone at the next scrape. One read of the servers serves both gauges.
    */
-  #registerExports(registers: Registry[], sources: MetricsSources): void {
-    let pending: Promise<ExportFigures[]> | undefined;
-    const exportsOnce = (): Promise<ExportFigures[]> => {
-      pending ??= sources.exports().finally(() => queueMicrotask(() => (pending = undefined)));
-      return pending;
-    };
+  #registerExports(registers: Registry[]): void {
+    // collect() runs with the metric as `this`; this arrow keeps ours.
+    const scrape = () => this.#scrape();
     new Gauge({
       name: 'nbdx_export_connected_clients',
       help: 'Clients connected to an export now. Only nbd-server exports have this series (one process per client); qemu-storage-daemon 7.2 reports no clients per export over QMP',
       labelNames: EXPORT_LABELS,
       registers,
       async collect() {
-        const figures = await exportsOnce();
+        const figures = await scrape().exports;
         this.reset();
         for (const figure of figures)
           if (figure.connectedClients !== undefined) this.set(labelsOf(figure), figure.connectedClients);
@@ -284,7 +339,7 @@ export class ControllerMetrics implements ReconcileRecorder {
       labelNames: EXPORT_LABELS,
       registers,
       async collect() {
-        const figures = await exportsOnce();
+        const figures = await scrape().exports;
         this.reset();
         for (const figure of figures)
           if (figure.staleClients !== undefined) this.set(labelsOf(figure), figure.staleClients);
@@ -296,7 +351,7 @@ export class ControllerMetrics implements ReconcileRecorder {
       labelNames: EXPORT_LABELS,
       registers,
       async collect() {
-        const figures = await exportsOnce();
+        const figures = await scrape().exports;
         this.reset();
         for (const figure of figures)
           if (figure.highestWrittenOffsetBytes !== undefined)

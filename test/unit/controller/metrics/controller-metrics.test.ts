@@ -204,6 +204,32 @@ describe('ControllerMetrics', () => {
     expect(parseProcessIo('')).toBeUndefined();
   });
 
+  it('answers the rest of /metrics when a source fails, and counts and reports the failure', async () => {
+    const { state, sources } = fakeSources();
+    const failures: [string, unknown][] = [];
+    const metrics = new ControllerMetrics(
+      {
+        ...sources,
+        exports: () => Promise.reject(new Error('query-blockstats: timed out')),
+        qemuStorageDaemonIo: () => Promise.reject(new Error('EACCES')),
+      },
+      { onSourceError: (source, error) => failures.push([source, error]) },
+    );
+    state.exports = [raw];
+    const exposition = await scrape(metrics);
+    expect(samplesOf(exposition, 'nbdx_export_connected_clients')).toEqual([]);
+    expect(samplesOf(exposition, 'nbdx_qemu_storage_daemon_written_bytes_total')).toEqual([]);
+    expect(valueOf(exposition, 'nbdx_metrics_source_errors_total', { source: 'exports' })).toBe(1);
+    expect(
+      valueOf(exposition, 'nbdx_metrics_source_errors_total', { source: 'qemu_storage_daemon_io' }),
+    ).toBe(1);
+    expect(valueOf(exposition, 'nbdx_workqueue_depth')).toBe(3);
+    expect(failures.map(([source, error]) => [source, (error as Error).message])).toEqual([
+      ['exports', 'query-blockstats: timed out'],
+      ['qemu_storage_daemon_io', 'EACCES'],
+    ]);
+  });
+
   it('histograms reconciles by result and probes by server and result, and counts errors by reason', async () => {
     const metrics = new ControllerMetrics(fakeSources().sources);
     metrics.observeReconcile('success', 0.02);
