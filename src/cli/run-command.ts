@@ -8,7 +8,9 @@ import { pino, type Logger } from 'pino';
 import type { ExportStore } from '../controller/export-store.js';
 import { Controller } from '../controller/controller.js';
 import { startHealthServer, boundPort } from '../controller/health-server.js';
-import { createNodeServices, type StartedNodeServices } from '../controller/create-node-services.js';
+import { createNodeServices } from '../controller/create-node-services.js';
+import { ControllerMetrics } from '../controller/metrics/controller-metrics.js';
+import type { KubeExportStoreMetrics } from '../kube/kube-export-store.js';
 import type { NodePolicy } from '../plan/node-policy.js';
 import { DirectoryExportStore } from '../source/directory-export-store.js';
 import type { RunOptions } from './run-options.js';
@@ -21,7 +23,7 @@ export async function runController(options: RunOptions): Promise<void> {
   );
 
   // The source first: a bad kubeconfig must fail before any server is started.
-  const store = await createStore(options, logger);
+  const { store, kubeFigures } = await createStore(options, logger);
   const services = await createNodeServices({
     stateDir: options.stateDir,
     listenAddress: options.listenAddress,
@@ -39,10 +41,30 @@ export async function runController(options: RunOptions): Promise<void> {
     qemuPort: options.qemuPort,
     rawServer: options.rawServer,
   };
-  const controller = new Controller({ store, services, policy, logger, concurrency: options.concurrency });
+  // The metrics read the controller only at scrape time, once the health server listens.
+  const metrics: ControllerMetrics = new ControllerMetrics(
+    {
+      ready: () => controller.ready,
+      workQueue: () => controller.metrics(),
+      servers: () => services.serverFigures(),
+      exports: () => services.exportFigures(),
+      qemuStorageDaemonIo: () => services.qemuStorageDaemonIo(),
+      kubeStore: kubeFigures,
+    },
+    { onSourceError: (source, error) => logger.warn({ source, err: error }, 'a metrics source failed') },
+  );
+  const controller: Controller = new Controller({
+    store,
+    services,
+    policy,
+    logger,
+    concurrency: options.concurrency,
+    metrics,
+  });
   const health = await startHealthServer(options.healthAddress, options.healthPort, {
     ready: () => controller.ready,
-    metrics: () => metricsOf(controller, services),
+    metrics,
+    onMetricsError: (error) => logger.warn({ err: error }, '/metrics failed'),
   });
   logger.info({ port: boundPort(health) }, 'health server listening');
 
@@ -75,63 +97,30 @@ export async function runController(options: RunOptions): Promise<void> {
   logger.info('running');
 }
 
-async function createStore(options: RunOptions, logger: Logger): Promise<ExportStore> {
+/** The source, and in Kubernetes mode the figures of its watch and API writes for /metrics. */
+async function createStore(
+  options: RunOptions,
+  logger: Logger,
+): Promise<{ store: ExportStore; kubeFigures?: () => KubeExportStoreMetrics }> {
   if (options.source.kind === 'dir')
-    return new DirectoryExportStore({
-      sourceDir: options.source.path,
-      statusDir: options.statusDir,
-      nodeName: options.nodeName,
-      logger,
-    });
+    return {
+      store: new DirectoryExportStore({
+        sourceDir: options.source.path,
+        statusDir: options.statusDir,
+        nodeName: options.nodeName,
+        logger,
+      }),
+    };
   // Loaded only in Kubernetes mode: the client library costs a plain host tens of MiB.
   const { KubeClient, loadKubeConfig } = await import('../kube/kube-client.js');
   const { KubeExportStore } = await import('../kube/kube-export-store.js');
   const kubeConfig = loadKubeConfig({ kubeconfigPath: options.kubeconfig });
-  return new KubeExportStore({ transport: new KubeClient(kubeConfig), nodeName: options.nodeName, logger });
-}
-
-function metricsOf(controller: Controller, services: StartedNodeServices) {
-  const queue = controller.metrics();
-  const servers = services.serverMetrics();
-  return [
-    {
-      name: 'nbdx_ready',
-      help: 'Whether the source has synced',
-      type: 'gauge' as const,
-      value: controller.ready ? 1 : 0,
-    },
-    {
-      name: 'nbdx_workqueue_depth',
-      help: 'Keys waiting to reconcile',
-      type: 'gauge' as const,
-      value: queue.depth,
-    },
-    {
-      name: 'nbdx_workqueue_in_flight',
-      help: 'Reconciles running',
-      type: 'gauge' as const,
-      value: queue.inFlight,
-    },
-    {
-      name: 'nbdx_reconciles_total',
-      help: 'Reconciles run',
-      type: 'counter' as const,
-      value: queue.runsTotal,
-    },
-    {
-      name: 'nbdx_reconcile_retries_total',
-      help: 'Failed reconciles retried',
-      type: 'counter' as const,
-      value: queue.retriesTotal,
-    },
-    {
-      name: 'nbdx_reconcile_seconds_sum',
-      help: 'Total reconcile time',
-      type: 'counter' as const,
-      value: queue.runDurationSecondsSum,
-    },
-    ...servers,
-  ];
+  const store = new KubeExportStore({
+    transport: new KubeClient(kubeConfig),
+    nodeName: options.nodeName,
+    logger,
+  });
+  return { store, kubeFigures: () => store.metrics() };
 }
 
 export function defaultStatusDir(stateDir: string): string {

@@ -6,11 +6,13 @@
 import type { Logger } from 'pino';
 import { keyOf } from '../api/types.js';
 import type { ExportStore } from './export-store.js';
+import type { ReconcileRecorder } from './metrics/controller-metrics.js';
 import type { NodeServices } from './node-services.js';
 import { sweepOrphans } from './orphan-sweep.js';
 import { Reconciler } from './reconciler.js';
-import { WorkQueue, type WorkQueueMetrics } from './work-queue.js';
+import { isPermanentError, WorkQueue, type WorkQueueMetrics } from './work-queue.js';
 import type { NodePolicy } from '../plan/node-policy.js';
+import { systemClock, type Clock } from '../shared/clock.js';
 
 export interface ControllerOptions {
   store: ExportStore;
@@ -23,6 +25,10 @@ export interface ControllerOptions {
   sweepIntervalMs?: number;
   /** How often qemu-storage-daemon's liveness is checked. Default 2 s. */
   serverCheckIntervalMs?: number;
+  /** Told how long each reconcile and each probe took, and how it ended (for /metrics). */
+  metrics?: ReconcileRecorder | undefined;
+  /** Times reconciles and probes. Default the real clock. */
+  clock?: Clock;
 }
 
 export class Controller {
@@ -36,14 +42,18 @@ export class Controller {
   constructor(options: ControllerOptions) {
     this.#options = options;
     const logger = options.logger;
+    const recorder = options.metrics;
+    const clock = options.clock ?? systemClock;
     this.#reconciler = new Reconciler({
       store: options.store,
-      services: options.services,
+      services: recorder ? timedProbes(options.services, options.policy, recorder, clock) : options.services,
       policy: options.policy,
       logger,
     });
     this.#queue = new WorkQueue({
-      handler: (key) => this.#reconciler.reconcile(key),
+      handler: recorder
+        ? (key) => timed(() => this.#reconciler.reconcile(key), recorder, clock)
+        : (key) => this.#reconciler.reconcile(key),
       concurrency: options.concurrency ?? 4,
       onRetry: (key, error, delayMs, failures) =>
         logger.warn(
@@ -115,4 +125,52 @@ export class Controller {
       );
     }
   }
+}
+
+/** Runs one reconcile and tells the recorder how long it took and how it ended. */
+async function timed<T extends { requeueAfterMs?: number }>(
+  reconcile: () => Promise<T>,
+  recorder: ReconcileRecorder,
+  clock: Clock,
+): Promise<T> {
+  const started = clock.now();
+  const seconds = () => (clock.now() - started) / 1000;
+  let result: T;
+  try {
+    result = await reconcile();
+  } catch (error) {
+    recorder.observeReconcile(isPermanentError(error) ? 'permanent_error' : 'error', seconds(), error);
+    throw error;
+  }
+  recorder.observeReconcile(result.requeueAfterMs === undefined ? 'success' : 'requeue', seconds());
+  return result;
+}
+
+/** The node services with every probe timed; the port probed says which server answered. */
+function timedProbes(
+  services: NodeServices,
+  policy: NodePolicy,
+  recorder: ReconcileRecorder,
+  clock: Clock,
+): NodeServices {
+  // Spelled out, not spread: an implementation may be a class whose methods a spread would drop.
+  return {
+    nbdServer: services.nbdServer,
+    qemu: services.qemu,
+    images: services.images,
+    ledger: services.ledger,
+    resolvePath: (path) => services.resolvePath(path),
+    async probe(target) {
+      const server = target.port === policy.qemuPort ? 'qemu-storage-daemon' : 'nbd-server';
+      const started = clock.now();
+      try {
+        const result = await services.probe(target);
+        recorder.observeProbe(server, result.ok, (clock.now() - started) / 1000);
+        return result;
+      } catch (error) {
+        recorder.observeProbe(server, false, (clock.now() - started) / 1000);
+        throw error;
+      }
+    },
+  };
 }

@@ -12,6 +12,9 @@ import { ChecksumJobs } from '../node/checksum-jobs.js';
 import { createImage, inspectImage, probeImageLock, removeStaleTemporaryImages } from '../node/qemu-img.js';
 import { QemuStorageDaemon } from '../node/qemu-storage-daemon/qemu-storage-daemon.js';
 import { resolvePath } from '../node/resolve-path.js';
+import type { ExportFigures, ServerFigures } from './metrics/controller-metrics.js';
+import { collectExportFigures } from './metrics/export-figures.js';
+import { readProcessIo, type ProcessIo } from './metrics/process-io.js';
 import type { NodeServices } from './node-services.js';
 
 export interface NodeServicesOptions {
@@ -25,7 +28,12 @@ export interface NodeServicesOptions {
 export interface StartedNodeServices extends NodeServices {
   /** Stops supervising; the servers and their clients keep running. */
   detach(): Promise<void>;
-  serverMetrics(): { name: string; help: string; type: 'gauge' | 'counter'; value: number }[];
+  /** For /metrics: what the servers and the ledger report now. */
+  serverFigures(): ServerFigures;
+  /** For /metrics: every export served, with its server's figures. */
+  exportFigures(): Promise<ExportFigures[]>;
+  /** For /metrics: qemu-storage-daemon's I/O counters, while it runs. */
+  qemuStorageDaemonIo(): Promise<ProcessIo | undefined>;
 }
 
 export async function createNodeServices(options: NodeServicesOptions): Promise<StartedNodeServices> {
@@ -81,40 +89,31 @@ export async function createNodeServices(options: NodeServicesOptions): Promise<
       checksums.stop();
       await Promise.all([nbdServer.detach(), qemu.detach()]);
     },
-    serverMetrics() {
+    serverFigures() {
       const nbd = nbdServer.status();
-      return [
-        {
-          name: 'nbdx_nbd_server_up',
-          help: 'Whether nbd-server runs',
-          type: 'gauge',
-          value: nbd.running ? 1 : 0,
+      return {
+        nbdServer: {
+          running: nbd.running,
+          restarts: nbd.restarts,
+          failing: nbd.lastError !== null,
+          loadedExports: nbdServer.loaded().size,
+          lastRestartAt: nbd.lastRestartAt,
         },
-        {
-          name: 'nbdx_nbd_server_restarts_total',
-          help: 'Hand-over restarts of nbd-server by this controller',
-          type: 'counter',
-          value: nbd.restarts,
-        },
-        {
-          name: 'nbdx_nbd_server_loaded_exports',
-          help: 'Exports nbd-server serves',
-          type: 'gauge',
-          value: nbdServer.loaded().size,
-        },
-        {
-          name: 'nbdx_qemu_storage_daemon_up',
-          help: 'Whether qemu-storage-daemon runs',
-          type: 'gauge',
-          value: qemu.status().running ? 1 : 0,
-        },
-        {
-          name: 'nbdx_owned_exports',
-          help: 'Resources this node serves or cleans up',
-          type: 'gauge',
-          value: ledger.all().length,
-        },
-      ];
+        qemuStorageDaemon: { running: qemu.status().running },
+        ownedExports: ledger.all().length,
+      };
+    },
+    qemuStorageDaemonIo() {
+      const { running, pid } = qemu.status();
+      return running && pid !== undefined ? readProcessIo(pid) : Promise.resolve(undefined);
+    },
+    exportFigures() {
+      return collectExportFigures({
+        ledgerRecords: () => ledger.all(),
+        nbdServerConnections: () => nbdServer.connections(),
+        nbdServerStaleConnections: () => nbdServer.staleConnections(),
+        qemuHighestWrittenOffsets: () => qemu.highestWrittenOffsets(),
+      });
     },
   };
 }

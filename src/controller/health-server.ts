@@ -1,14 +1,21 @@
 /**
  * /healthz (the process answers), /readyz (the source has synced: the controller knows
- * what it should serve) and /metrics (Prometheus text format).
+ * what it should serve) and /metrics (Prometheus text format, from src/controller/metrics/).
  */
 import { createServer, type Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
 
+/** The /metrics exposition: prom-client's registry, or anything that renders like it. */
+export interface MetricsExposition {
+  readonly contentType: string;
+  render(): Promise<string>;
+}
+
 export interface HealthSources {
   ready(): boolean;
-  /** Gauges and counters: name → value, with help text. */
-  metrics(): { name: string; help: string; type: 'gauge' | 'counter'; value: number }[];
+  metrics: MetricsExposition;
+  /** Told when /metrics could not be rendered (the scraper sees a 500). */
+  onMetricsError?: (error: unknown) => void;
 }
 
 export async function startHealthServer(host: string, port: number, sources: HealthSources): Promise<Server> {
@@ -23,12 +30,16 @@ export async function startHealthServer(host: string, port: number, sources: Hea
         .end(ready ? 'ok\n' : 'not synced\n');
     }
     if (path === '/metrics') {
-      const lines = sources
-        .metrics()
-        .flatMap((m) => [`# HELP ${m.name} ${m.help}`, `# TYPE ${m.name} ${m.type}`, `${m.name} ${m.value}`]);
-      return void response
-        .writeHead(200, { 'content-type': 'text/plain; version=0.0.4' })
-        .end(`${lines.join('\n')}\n`);
+      sources.metrics.render().then(
+        (body) => response.writeHead(200, { 'content-type': sources.metrics.contentType }).end(body),
+        (error: unknown) => {
+          sources.onMetricsError?.(error);
+          response
+            .writeHead(500, { 'content-type': 'text/plain' })
+            .end(`metrics failed: ${error instanceof Error ? error.message : String(error)}\n`);
+        },
+      );
+      return;
     }
     response.writeHead(404).end();
   });

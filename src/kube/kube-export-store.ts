@@ -51,8 +51,12 @@ export interface KubeExportStoreOptions {
 export interface KubeExportStoreMetrics extends WatchLoopMetrics {
   statusPatchesTotal: number;
   statusPatchesSkippedTotal: number;
+  /** Status patches that failed (a resource already gone is not a failure). */
+  statusPatchFailuresTotal: number;
   finalizerPatchesTotal: number;
   finalizerConflictsTotal: number;
+  /** Finalizer patches that failed for good: another error, or conflicts beyond the attempts. */
+  finalizerPatchFailuresTotal: number;
   eventsCreatedTotal: number;
   eventsDedupedTotal: number;
   eventsFailedTotal: number;
@@ -71,8 +75,10 @@ export class KubeExportStore implements ExportStore {
   #counters = {
     statusPatchesTotal: 0,
     statusPatchesSkippedTotal: 0,
+    statusPatchFailuresTotal: 0,
     finalizerPatchesTotal: 0,
     finalizerConflictsTotal: 0,
+    finalizerPatchFailuresTotal: 0,
     eventsCreatedTotal: 0,
     eventsDedupedTotal: 0,
     eventsFailedTotal: 0,
@@ -163,6 +169,7 @@ export class KubeExportStore implements ExportStore {
         this.#log.debug({ key }, 'status not written: resource gone');
         return;
       }
+      this.#counters.statusPatchFailuresTotal++;
       throw error;
     }
   }
@@ -256,9 +263,11 @@ export class KubeExportStore implements ExportStore {
         this.#log.debug({ key, finalizers }, 'finalizers written');
         return;
       } catch (error) {
-        if (!isKubeApiError(error)) throw error;
-        if (error.notFound) return;
-        if (!error.conflict || attempt >= this.#maxConflictAttempts) throw error;
+        if (isKubeApiError(error) && error.notFound) return;
+        if (!isKubeApiError(error) || !error.conflict || attempt >= this.#maxConflictAttempts) {
+          this.#counters.finalizerPatchFailuresTotal++;
+          throw error;
+        }
         this.#counters.finalizerConflictsTotal++;
         this.#log.debug({ key, attempt }, 'finalizer patch conflicted; reading afresh');
         object = await this.#read(key);

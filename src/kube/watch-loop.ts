@@ -60,14 +60,21 @@ export interface WatchLoopMetrics {
   listsTotal: number;
   watchesTotal: number;
   watchEventsTotal: number;
+  /** The same events (bookmarks aside), by type. */
+  watchEventsByType: Record<'ADDED' | 'MODIFIED' | 'DELETED', number>;
   bookmarksTotal: number;
   /** Relists forced by 410 Gone. */
   expiredTotal: number;
   /** Watches ended by an error, a dead stream or the idle watchdog. */
   watchErrorsTotal: number;
   idleTimeoutsTotal: number;
+  /** Times the loop started over (listing or watching again) after a watch ended, for any reason. */
+  reconnectsTotal: number;
   resyncsTotal: number;
-  /** Seconds since anything arrived on the watch (a stuck watch shows here). */
+  /**
+   * Seconds since anything arrived: a watch event, a bookmark or a complete listing (a stuck
+   * watch shows here); 0 before the first listing.
+   */
   secondsSinceLastReceive: number;
 }
 
@@ -101,7 +108,8 @@ export class WatchLoop<T extends WatchedObject> {
   #running: Promise<void> | undefined;
   #stop = new AbortController();
   #resyncTimer: unknown;
-  #lastReceive = 0;
+  /** When anything last arrived (clock ms); undefined before the first listing. */
+  #lastReceive: number | undefined;
   #syncWaiters: { resolve: () => void; reject: (error: Error) => void }[] = [];
   #counters = {
     listsTotal: 0,
@@ -111,8 +119,10 @@ export class WatchLoop<T extends WatchedObject> {
     expiredTotal: 0,
     watchErrorsTotal: 0,
     idleTimeoutsTotal: 0,
+    reconnectsTotal: 0,
     resyncsTotal: 0,
   };
+  #eventsByType = { ADDED: 0, MODIFIED: 0, DELETED: 0 };
 
   constructor(options: WatchLoopOptions<T>) {
     this.#transport = options.transport;
@@ -193,7 +203,9 @@ export class WatchLoop<T extends WatchedObject> {
       synced: this.#synced,
       objects: this.#cache.size,
       ...this.#counters,
-      secondsSinceLastReceive: this.#lastReceive === 0 ? 0 : (this.#clock.now() - this.#lastReceive) / 1000,
+      watchEventsByType: { ...this.#eventsByType },
+      secondsSinceLastReceive:
+        this.#lastReceive === undefined ? 0 : (this.#clock.now() - this.#lastReceive) / 1000,
     };
   }
 
@@ -217,7 +229,10 @@ export class WatchLoop<T extends WatchedObject> {
     // 410s in a row: the first one after anything else (a server that just came back after
     // an outage answers an old resourceVersion with 410) relists at once, whatever failed before.
     let expiredInARow = 0;
+    let firstRound = true;
     while (!this.#stopped) {
+      if (!firstRound) this.#counters.reconnectsTotal++;
+      firstRound = false;
       const started = this.#clock.now();
       let outcome: WatchOutcome | 'error';
       try {
@@ -301,6 +316,7 @@ export class WatchLoop<T extends WatchedObject> {
     this.#cache.clear();
     for (const [key, object] of fresh) this.#cache.set(key, object);
     this.#resourceVersion = resourceVersion;
+    this.#lastReceive = this.#clock.now();
     this.#log.info(
       { objects: fresh.size, changed: changed.length, vanished: vanished.length, resourceVersion },
       'listed',
@@ -391,6 +407,7 @@ export class WatchLoop<T extends WatchedObject> {
       case 'MODIFIED':
       case 'DELETED': {
         this.#counters.watchEventsTotal++;
+        this.#eventsByType[event.type]++;
         const key = this.#keyOf(event.object);
         if (event.type === 'DELETED') this.#cache.delete(key);
         else this.#cache.set(key, event.object);

@@ -74,6 +74,8 @@ interface BlockExportInfo {
 }
 
 const QMP_CHARDEV_ID = 'nbdx-qmp';
+/** A scrape gives up on the daemon's figures sooner than Prometheus' default 10 s scrape timeout. */
+const METRICS_QUERY_TIMEOUT_MS = 5_000;
 /** sun_path is 108 bytes including the terminating NUL. */
 const MAX_SOCKET_PATH = 107;
 
@@ -243,6 +245,31 @@ export class QemuStorageDaemon {
       await this.#forget(qmp, exportName, record, log);
       log.info({ id: record.id, force: options.force }, 'export removed');
     });
+  }
+
+  /**
+   * Per served export, the highest guest offset written through it since the daemon opened
+   * it (`wr_highest_offset` of its format node), for /metrics. QEMU 7.2 keeps no byte or
+   * operation counts for NBD exports (query-blockstats shows 0), so this is all it tells.
+   * Read-only, and not queued behind other work: a scrape must not wait out an export removal
+   * that waits for its clients (QMP answers overlapping commands by id). When the daemon is
+   * not connected this answers an empty map rather than starting it.
+   */
+  async highestWrittenOffsets(): Promise<Map<string, number>> {
+    const offsets = new Map<string, number>();
+    const qmp = this.#qmp;
+    if (!qmp || qmp.closed) return offsets;
+    const stats = await qmp.execute<{ 'node-name'?: string; stats: { wr_highest_offset: number } }[]>(
+      'query-blockstats',
+      { 'query-nodes': true },
+      { timeoutMs: Math.min(this.#timeoutMs, METRICS_QUERY_TIMEOUT_MS) },
+    );
+    const byNode = new Map(stats.map((s) => [s['node-name'], s.stats.wr_highest_offset]));
+    for (const [name, record] of this.#records) {
+      const offset = byNode.get(record.nodeNames.format);
+      if (record.state === 'served' && offset !== undefined) offsets.set(name, offset);
+    }
+    return offsets;
   }
 
   /** Names of the daemon's block nodes (diagnostics; ours start with `nbdx-`). */

@@ -164,6 +164,23 @@ describe('KubeExportStore', { timeout: 30_000 }, () => {
     expect(server.requestsOf('PATCH')).toHaveLength(5);
   });
 
+  it('counts finalizer patches that fail for good, and status patches that fail', async () => {
+    const { store } = await startStore([makeExport('ns', 'a')]);
+    server.conflictPatches = 100;
+    await expect(store.addFinalizer('ns/a')).rejects.toMatchObject({ statusCode: 409 });
+    expect(store.metrics()).toMatchObject({ finalizerConflictsTotal: 4, finalizerPatchFailuresTotal: 1 });
+    server.conflictPatches = 0;
+    await store.addFinalizer('ns/a');
+    // A success after conflicts (the cache may still hold the old resourceVersion) is no failure.
+    expect(server.objects.get('ns/a')?.metadata.finalizers).toEqual([FINALIZER]);
+    expect(store.metrics().finalizerPatchFailuresTotal).toBe(1);
+
+    const ready: NbdExportStatus = { exportName: 'ns.a' };
+    await server.close(); // the API server is gone: the status patch cannot complete
+    await expect(store.updateStatus('ns/a', ready)).rejects.toThrow();
+    expect(store.metrics()).toMatchObject({ statusPatchesTotal: 1, statusPatchFailuresTotal: 1 });
+  });
+
   it('removes only its own finalizer, and does nothing when there is nothing to do', async () => {
     const object = makeExport('ns', 'a');
     object.metadata.finalizers = ['someone.else/keep', FINALIZER];

@@ -4,6 +4,7 @@ import { keyOf, type NbdExport } from '../../../src/api/types.js';
 import { KubeClient } from '../../../src/kube/kube-client.js';
 import { WatchLoop, reconnectDelay, type WatchLoopOptions } from '../../../src/kube/watch-loop.js';
 import { FakeApiServer, makeExport } from './fake-apiserver.js';
+import { ManualClock } from '../../support/manual-clock.js';
 
 // Real sockets on loopback, small intervals, and assertions that wait generously for what
 // must eventually happen; nothing asserts on speed.
@@ -222,6 +223,52 @@ describe('WatchLoop', { timeout: 30_000 }, () => {
       await new Promise((resolve) => setTimeout(resolve, 100));
     }
     expect(loop.metrics().idleTimeoutsTotal).toBe(0);
+  });
+
+  it('counts watch events by type, and the loop starting over as reconnects', async () => {
+    server = await new FakeApiServer().start();
+    server.put(makeExport('ns', 'a'));
+    const { loop } = await startLoop();
+    await vi.waitFor(() => expect(server.watches.size).toBe(1), eventually);
+    expect(loop.metrics().reconnectsTotal).toBe(0);
+
+    server.put(makeExport('ns', 'b'));
+    server.put(makeExport('ns', 'c'));
+    const changed = makeExport('ns', 'a');
+    changed.spec.readOnly = true;
+    server.put(changed);
+    server.remove('ns/b');
+    server.bookmark();
+    await vi.waitFor(() => expect(loop.metrics().bookmarksTotal).toBe(1), eventually);
+    expect(loop.metrics().watchEventsByType).toEqual({ ADDED: 2, MODIFIED: 1, DELETED: 1 });
+    expect(loop.metrics().watchEventsTotal).toBe(4);
+
+    server.closeWatches();
+    await vi.waitFor(() => expect(server.watchRequests()).toHaveLength(2), eventually);
+    await vi.waitFor(() => expect(loop.metrics().reconnectsTotal).toBe(1), eventually);
+    server.expireWatches();
+    await vi.waitFor(() => expect(server.lists()).toHaveLength(2), eventually);
+    await vi.waitFor(() => expect(loop.metrics().reconnectsTotal).toBe(2), eventually);
+  });
+
+  it('tells the seconds since anything last arrived: a listing, an event or a bookmark', async () => {
+    server = await new FakeApiServer().start();
+    server.put(makeExport('ns', 'a'));
+    const clock = new ManualClock();
+    const { loop } = await startLoop({ clock, idleTimeoutMs: 60_000 });
+    await vi.waitFor(() => expect(server.watches.size).toBe(1), eventually);
+    expect(loop.metrics().secondsSinceLastReceive).toBe(0); // the listing just arrived
+
+    await clock.advance(20_000);
+    expect(loop.metrics().secondsSinceLastReceive).toBe(20);
+    server.bookmark();
+    await vi.waitFor(() => expect(loop.metrics().secondsSinceLastReceive).toBe(0), eventually);
+    await clock.advance(5_000);
+    server.put(makeExport('ns', 'b'));
+    await vi.waitFor(() => expect(loop.get('ns/b')).toBeDefined(), eventually);
+    expect(loop.metrics().secondsSinceLastReceive).toBe(0);
+    await clock.advance(45_500);
+    expect(loop.metrics().secondsSinceLastReceive).toBe(45.5);
   });
 
   it('resyncs: tells listeners every cached key periodically', async () => {
