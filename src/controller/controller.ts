@@ -159,6 +159,7 @@ function timedProbes(
     qemu: services.qemu,
     images: services.images,
     ledger: services.ledger,
+    checksums: services.checksums,
     resolvePath: (path) => services.resolvePath(path),
     async probe(target) {
       const server = target.port === policy.qemuPort ? 'qemu-storage-daemon' : 'nbd-server';

@@ -3,7 +3,7 @@
  * named by its resource, with what its server can tell. The ledger forgets a deleted
  * resource's export, so its series go with it.
  */
-import type { OwnershipRecord } from '../../node/ownership-ledger.js';
+import type { LedgerEntry as OwnershipRecord } from '../../plan/observed-state.js';
 import type { ExportFigures } from './controller-metrics.js';
 
 export interface ExportFigureSources {

@@ -3,7 +3,7 @@ import {
   collectExportFigures,
   type ExportFigureSources,
 } from '../../../../src/controller/metrics/export-figures.js';
-import type { OwnershipRecord } from '../../../../src/node/ownership-ledger.js';
+import type { LedgerEntry as OwnershipRecord } from '../../../../src/plan/observed-state.js';
 
 function sources(records: OwnershipRecord[]) {
   const asked = { nbdServer: 0, nbdServerStale: 0, qemu: 0 };

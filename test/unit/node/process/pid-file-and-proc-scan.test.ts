@@ -1,3 +1,4 @@
+import { once } from 'node:events';
 import { spawn } from 'node:child_process';
 import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
@@ -47,6 +48,8 @@ describe('proc-scan and signalGroup', () => {
     const child = spawn('/bin/sh', ['-c', 'exec sleep 60', marker], { detached: true, stdio: 'ignore' });
     const pid = child.pid;
     if (pid === undefined) throw new Error('could not start sleep');
+    // Reaped, not merely dead: a zombie still takes a signal to its group.
+    const reaped = once(child, 'exit');
     try {
       await waitFor(
         'the child to exec sleep',
@@ -63,10 +66,8 @@ describe('proc-scan and signalGroup', () => {
     } finally {
       expect(signalGroup(pid, 'SIGKILL')).toBe(true);
     }
-    await waitFor('the child to be gone', () => (isRunning(pid) ? undefined : true), {
-      timeoutMs: 30_000,
-      intervalMs: 10,
-    });
+    await reaped;
+    expect(isRunning(pid)).toBe(false);
     expect(signalGroup(pid, 'SIGKILL')).toBe(false);
   });
 });
