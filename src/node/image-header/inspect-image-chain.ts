@@ -63,7 +63,7 @@ export async function inspectImageChain(
   };
 
   for (;;) {
-    const read = await readImageHeader(next.realPath);
+    const read = await readImageHeader(next.realPath, { allowBlockDevice: next.namedBy === undefined });
     const failed = endOfFailedRead(read, next);
     if (failed) return done(failed);
     if (read.kind !== 'read') return done({ kind: 'stopped' }); // unreachable: endOfFailedRead covers the rest

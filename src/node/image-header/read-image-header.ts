@@ -20,13 +20,26 @@ export type ImageHeaderRead =
 
 const OPEN_FLAGS = constants.O_RDONLY | constants.O_NOFOLLOW | constants.O_NONBLOCK | constants.O_NOCTTY;
 
-export async function readImageHeader(path: string): Promise<ImageHeaderRead> {
+export interface ReadImageHeaderOptions {
+  /**
+   * Whether a block device may be read: yes for the top image (a raw export of an LV), no for
+   * a backing file, which QEMU would open just because a header names it.
+   */
+  allowBlockDevice: boolean;
+}
+
+export async function readImageHeader(
+  path: string,
+  options: ReadImageHeaderOptions,
+): Promise<ImageHeaderRead> {
+  const readable = (type: string): boolean =>
+    type === 'file' || (type === 'block-device' && options.allowBlockDevice);
   // lstat first so that a FIFO or character device is never even opened (opening some devices
   // has effects); the fstat below is still what decides, as the name may change in between.
   try {
     const before = await lstat(path);
     const type = fileTypeOf(before);
-    if (type !== 'file' && type !== 'block-device') return { kind: 'not-an-image-file', fileType: type };
+    if (!readable(type)) return { kind: 'not-an-image-file', fileType: type };
   } catch (error) {
     return failure(error, path);
   }
@@ -42,6 +55,7 @@ export async function readImageHeader(path: string): Promise<ImageHeaderRead> {
     const info = await handle.stat({ bigint: true });
     const type = fileTypeOf(info);
     if (type !== 'file' && type !== 'block-device') return { kind: 'not-an-image-file', fileType: type };
+    if (!readable(type)) return { kind: 'not-an-image-file', fileType: type };
     const size = type === 'file' ? Number(info.size) : await blockDeviceSize(info.rdev);
     const file: ImageFileFacts = {
       type,

@@ -3,6 +3,7 @@
  * facts it reports from the descriptor it read.
  */
 import { execFileSync } from 'node:child_process';
+import { readdirSync, readFileSync } from 'node:fs';
 import { link, mkdir, mkdtemp, open, rm, stat, symlink, writeFile } from 'node:fs/promises';
 import { createServer, type Server } from 'node:net';
 import { tmpdir } from 'node:os';
@@ -24,7 +25,7 @@ describe('readImageHeader', () => {
     const path = join(dir, 'a.qcow2');
     await writeFile(path, qcow2({ backingName: 'base.qcow2' }));
     const info = await stat(path, { bigint: true });
-    const read = await readImageHeader(path);
+    const read = await readImageHeader(path, { allowBlockDevice: true });
     expect(read).toMatchObject({
       kind: 'read',
       openedPath: path,
@@ -43,7 +44,10 @@ describe('readImageHeader', () => {
     const path = join(dir, 'linked.raw');
     await writeFile(path, new Uint8Array(4096));
     await link(path, join(dir, 'linked-too.raw'));
-    expect(await readImageHeader(path)).toMatchObject({ kind: 'read', file: { nlink: 2 } });
+    expect(await readImageHeader(path, { allowBlockDevice: true })).toMatchObject({
+      kind: 'read',
+      file: { nlink: 2 },
+    });
   });
 
   it('reads at most 64 KiB from the start: a qcow2 whose backing name lies beyond is invalid', async () => {
@@ -51,7 +55,7 @@ describe('readImageHeader', () => {
     const bytes = qcow2({ clusterBits: 20, backingOffset: 70_000n, backingSize: 4, totalLength: 70_004 });
     bytes.set([0x62, 0x61, 0x73, 0x65], 70_000); // "base"
     await writeFile(path, bytes);
-    expect(await readImageHeader(path)).toMatchObject({
+    expect(await readImageHeader(path, { allowBlockDevice: true })).toMatchObject({
       kind: 'read',
       header: { kind: 'invalid', problem: expect.stringMatching(/beyond the 65536 bytes read/) as unknown },
     });
@@ -62,7 +66,7 @@ describe('readImageHeader', () => {
     const handle = await open(path, 'w');
     await handle.write(withMagic('conectix', 0, 512), 0, 512, 10 * 2 ** 30 - 512);
     await handle.close();
-    expect(await readImageHeader(path)).toMatchObject({
+    expect(await readImageHeader(path, { allowBlockDevice: true })).toMatchObject({
       kind: 'read',
       file: { size: 10 * 2 ** 30 },
       header: { kind: 'foreign', format: 'vpc' },
@@ -72,7 +76,10 @@ describe('readImageHeader', () => {
   it('refuses a FIFO without blocking on it', async () => {
     const path = join(dir, 'fifo');
     execFileSync('mkfifo', [path]);
-    expect(await readImageHeader(path)).toEqual({ kind: 'not-an-image-file', fileType: 'FIFO' });
+    expect(await readImageHeader(path, { allowBlockDevice: true })).toEqual({
+      kind: 'not-an-image-file',
+      fileType: 'FIFO',
+    });
   });
 
   it('refuses a socket, a directory, a character device and a symlink', async () => {
@@ -80,28 +87,54 @@ describe('readImageHeader', () => {
     const server: Server = createServer();
     await new Promise<void>((resolve) => server.listen(socketPath, resolve));
     try {
-      expect(await readImageHeader(socketPath)).toEqual({ kind: 'not-an-image-file', fileType: 'socket' });
+      expect(await readImageHeader(socketPath, { allowBlockDevice: true })).toEqual({
+        kind: 'not-an-image-file',
+        fileType: 'socket',
+      });
     } finally {
       server.close();
     }
     await mkdir(join(dir, 'sub'));
-    expect(await readImageHeader(join(dir, 'sub'))).toEqual({
+    expect(await readImageHeader(join(dir, 'sub'), { allowBlockDevice: true })).toEqual({
       kind: 'not-an-image-file',
       fileType: 'directory',
     });
-    expect(await readImageHeader('/dev/null')).toEqual({
+    expect(await readImageHeader('/dev/null', { allowBlockDevice: true })).toEqual({
       kind: 'not-an-image-file',
       fileType: 'character device',
     });
     await symlink(join(dir, 'a.qcow2'), join(dir, 'link.qcow2'));
-    expect(await readImageHeader(join(dir, 'link.qcow2'))).toEqual({
+    expect(await readImageHeader(join(dir, 'link.qcow2'), { allowBlockDevice: true })).toEqual({
       kind: 'not-an-image-file',
       fileType: 'symlink',
     });
   });
 
+  it('reads a block device only when asked to', async () => {
+    // Any block device the kernel has will do; a node for it in the test directory.
+    const [majorMinor] = readdirSync('/sys/dev/block');
+    if (majorMinor === undefined) throw new Error('this machine has no block device to test with');
+    const [major = '', minor = ''] = majorMinor.split(':');
+    const device = join(dir, 'block-device');
+    execFileSync('mknod', [device, 'b', major, minor]);
+    expect(await readImageHeader(device, { allowBlockDevice: false })).toEqual({
+      kind: 'not-an-image-file',
+      fileType: 'block-device',
+    });
+    const read = await readImageHeader(device, { allowBlockDevice: true });
+    if (read.kind !== 'read') throw new Error(`expected the device to be read: ${JSON.stringify(read)}`);
+    expect(read.file.type).toBe('block-device');
+    expect(read.file.size).toBe(
+      Number(readFileSync(`/sys/dev/block/${majorMinor}/size`, 'utf8').trim()) * 512,
+    );
+  });
+
   it('reports a missing file', async () => {
-    expect(await readImageHeader(join(dir, 'nothing-here'))).toEqual({ kind: 'missing' });
-    expect(await readImageHeader(join(dir, 'a.qcow2', 'below-a-file'))).toEqual({ kind: 'missing' });
+    expect(await readImageHeader(join(dir, 'nothing-here'), { allowBlockDevice: true })).toEqual({
+      kind: 'missing',
+    });
+    expect(await readImageHeader(join(dir, 'a.qcow2', 'below-a-file'), { allowBlockDevice: true })).toEqual({
+      kind: 'missing',
+    });
   });
 });
