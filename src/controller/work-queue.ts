@@ -40,7 +40,6 @@ export function isPermanentError(error: unknown): error is PermanentError {
   return error instanceof PermanentError;
 }
 
-
 export interface BackoffOptions {
   /** Delay after the first failure. Default 500 ms. */
   baseDelayMs?: number;

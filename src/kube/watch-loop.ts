@@ -28,7 +28,6 @@ export interface WatchEvent<T> {
   object: T;
 }
 
-
 export interface WatchLoopOptions<T extends WatchedObject> {
   transport: KubeTransport;
   /** Collection path, e.g. `/apis/nbd.dev/v1alpha1/nbdexports` (all namespaces). */

@@ -9,7 +9,6 @@ import {
 } from '../../../src/controller/work-queue.js';
 import { ManualClock, flushPromises as settle } from '../../support/manual-clock.js';
 
-
 interface Deferred {
   resolve(result?: WorkResult): void;
   reject(error: Error): void;
