@@ -221,8 +221,9 @@ export function createBackingGate(
 
 /**
  * Whether QEMU would read a backing name as a plain local path. QEMU treats a `:` before the
- * first `/` as a protocol prefix (`nbd:`, `json:`, `file:`, `http:` …), and `file:` is refused
- * too: it lets a name carry options. A NUL would cut the name short in QEMU but not here.
+ * first `/` as a protocol prefix (`nbd:`, `json:`, `http:` …); `file:` is one of them and is
+ * refused like the rest rather than taught to a second parser. A NUL would cut the name short
+ * in QEMU but not here, so such a name means two different files.
  */
 export function vetBackingName(name: string, namedBy: string): ImageRefusal | undefined {
   const notAPath = (why: string): ImageRefusal =>
@@ -284,7 +285,7 @@ function judgeImage(
   depth: number,
   request: ImageJudgeRequest,
 ): ImageRefusal | undefined {
-  const { path, file, header } = image;
+  const { path, file } = image;
   const role = depth === 0 ? 'image' : `backing file (depth ${depth})`;
 
   if (depth > 0 && file.type !== 'file')
@@ -309,9 +310,9 @@ function judgeImage(
 
   switch (image.openAs) {
     case 'raw':
-      return judgeRaw(image, role, request);
+      return judgeRaw(image, depth, role, request);
     case 'qcow2':
-      return judgeQcow2(image, role, request);
+      return judgeQcow2(image, depth, role, request);
     default:
       return depth === 0
         ? refuse(
@@ -325,93 +326,105 @@ function judgeImage(
             `${role} ${path} is ${image.openAs} (${image.formatSource}); only raw and qcow2 backing files are served`,
           );
   }
+}
 
-  function judgeRaw(raw: InspectedImage, what: string, policy: ImageJudgeRequest): ImageRefusal | undefined {
-    if (header.kind !== 'raw' && !policy.allowRawOverForeignHeader) {
-      const found = header.kind === 'qcow2' ? 'qcow2' : header.format;
-      return refuse(
-        depth === 0 ? Reason.ImageFormatMismatch : Reason.ImageUnsafe,
-        'foreign-header-as-raw',
-        `${what} ${raw.path} is read as raw but begins with a ${found} header; serving it raw would expose the ` +
-          `container's metadata to clients. Fix the format in the spec, or let the operator allow raw over ` +
-          `foreign headers if the bytes really are a disk`,
-      );
-    }
-    if (raw.file.size <= 0)
-      return refuse(
-        Reason.ImageInvalid,
-        'virtual-size',
-        `${what} ${raw.path} is empty (0 bytes); there is nothing to serve`,
-      );
-    if (!Number.isSafeInteger(raw.file.size))
-      return refuse(Reason.ImageInvalid, 'virtual-size', `${what} ${raw.path} is larger than 2^53 bytes`);
-    return undefined;
+function judgeRaw(
+  image: InspectedImage,
+  depth: number,
+  role: string,
+  request: ImageJudgeRequest,
+): ImageRefusal | undefined {
+  const { header, path, file } = image;
+  if (header.kind !== 'raw' && !request.allowRawOverForeignHeader) {
+    const found = header.kind === 'qcow2' ? 'qcow2' : header.format;
+    return refuse(
+      depth === 0 ? Reason.ImageFormatMismatch : Reason.ImageUnsafe,
+      'foreign-header-as-raw',
+      `${role} ${path} is read as raw but begins with a ${found} header; serving it raw would expose the ` +
+        `container's metadata to clients. Fix the format in the spec, or let the operator allow raw over ` +
+        `foreign headers if the bytes really are a disk`,
+    );
   }
+  if (file.size <= 0)
+    return refuse(
+      Reason.ImageInvalid,
+      'virtual-size',
+      `${role} ${path} is empty (0 bytes); there is nothing to serve`,
+    );
+  if (!Number.isSafeInteger(file.size))
+    return refuse(Reason.ImageInvalid, 'virtual-size', `${role} ${path} is larger than 2^53 - 1 bytes`);
+  return undefined;
+}
 
-  function judgeQcow2(
-    qcow: InspectedImage,
-    what: string,
-    policy: ImageJudgeRequest,
-  ): ImageRefusal | undefined {
-    if (header.kind === 'invalid')
-      return refuse(
-        Reason.ImageInvalid,
-        'invalid-header',
-        `${what} ${qcow.path} has a malformed ${header.format} header: ${header.problem}`,
-      );
-    if (header.kind !== 'qcow2') {
-      const found = header.kind === 'raw' ? 'raw (no known header)' : header.format;
-      return refuse(
-        depth === 0 ? Reason.ImageFormatMismatch : Reason.ImageInvalid,
-        'format-mismatch',
-        depth === 0
-          ? `${qcow.path} is ${found}, but the spec says ${policy.declaredFormat}`
-          : `${what} ${qcow.path} is recorded as qcow2 but is ${found}`,
-      );
-    }
-    const h = header.header;
-    if (h.incompatible.corrupt)
-      return refuse(
-        Reason.ImageInvalid,
-        'corrupt',
-        `${what} ${qcow.path} is marked corrupt; QEMU will not write it. Check it with qemu-img check -r all on a copy`,
-      );
-    if (h.incompatible.externalDataFile || h.dataFileName !== undefined || h.autoclearRawExternalData)
-      return refuse(
-        Reason.ImageUnsafe,
-        'external-data-file',
-        `${what} ${qcow.path} keeps its data in an external file` +
-          (h.dataFileName !== undefined ? ` (${JSON.stringify(h.dataFileName)})` : '') +
-          `; a client could read and write that file through the export, wherever it is. Convert the image ` +
-          `(qemu-img convert -O qcow2) to one without a data file`,
-      );
-    if (h.cryptMethod !== 0 || h.encryptionExtension)
-      return refuse(
-        Reason.Unsupported,
-        'encrypted',
-        `${what} ${qcow.path} is encrypted (crypt method ${h.cryptMethod}); encrypted images are not served`,
-      );
-    if (h.incompatible.unknownBits.length > 0)
-      return refuse(
-        Reason.Unsupported,
-        'unknown-incompatible-features',
-        `${what} ${qcow.path} sets incompatible feature bits ${h.incompatible.unknownBits.join(', ')}, which this ` +
-          `controller does not know; an image written by a newer QEMU must not be read by one that ignores them`,
-      );
-    if (h.backingFormat !== undefined && !BACKING_FORMATS.includes(h.backingFormat))
-      return refuse(
-        Reason.Unsupported,
-        'backing-format-unsupported',
-        `${what} ${qcow.path} records backing format ${JSON.stringify(h.backingFormat)}; only raw and qcow2 backing files are served`,
-      );
-    if (!(h.virtualSize > 0) || !Number.isSafeInteger(h.virtualSize))
-      return refuse(
-        Reason.ImageInvalid,
-        'virtual-size',
-        `${what} ${qcow.path} declares a virtual size of ${h.virtualSize} bytes; it must be positive and at most 2^53 - 1`,
-      );
-    return undefined;
+function judgeQcow2(
+  image: InspectedImage,
+  depth: number,
+  role: string,
+  request: ImageJudgeRequest,
+): ImageRefusal | undefined {
+  const { header, path } = image;
+  if (header.kind === 'invalid')
+    return refuse(
+      Reason.ImageInvalid,
+      'invalid-header',
+      `${role} ${path} has a malformed ${header.format} header: ${header.problem}`,
+    );
+  if (header.kind !== 'qcow2') {
+    const found = header.kind === 'raw' ? 'raw (no known header)' : header.format;
+    return depth === 0
+      ? refuse(
+          Reason.ImageFormatMismatch,
+          'format-mismatch',
+          `${path} is ${found}, but the spec says ${request.declaredFormat}`,
+        )
+      : refuse(
+          Reason.ImageInvalid,
+          'format-mismatch',
+          `${role} ${path} is recorded as qcow2 but is ${found}`,
+        );
   }
+  const h = header.header;
+  if (h.incompatible.corrupt)
+    return refuse(
+      Reason.ImageInvalid,
+      'corrupt',
+      `${role} ${path} is marked corrupt; QEMU will not write it. Check it with qemu-img check -r all on a copy`,
+    );
+  if (h.incompatible.externalDataFile || h.dataFileName !== undefined || h.autoclearRawExternalData)
+    return refuse(
+      Reason.ImageUnsafe,
+      'external-data-file',
+      `${role} ${path} keeps its data in an external file` +
+        (h.dataFileName !== undefined ? ` (${JSON.stringify(h.dataFileName)})` : '') +
+        `; a client could read and write that file through the export, wherever it is. Convert the image ` +
+        `(qemu-img convert -O qcow2) to one without a data file`,
+    );
+  if (h.cryptMethod !== 0 || h.encryptionExtension)
+    return refuse(
+      Reason.Unsupported,
+      'encrypted',
+      `${role} ${path} is encrypted (crypt method ${h.cryptMethod}); encrypted images are not served`,
+    );
+  if (h.incompatible.unknownBits.length > 0)
+    return refuse(
+      Reason.Unsupported,
+      'unknown-incompatible-features',
+      `${role} ${path} sets incompatible feature bits ${h.incompatible.unknownBits.join(', ')}, which this ` +
+        `controller does not know; an image written by a newer QEMU must not be read by one that ignores them`,
+    );
+  if (h.backingFormat !== undefined && !BACKING_FORMATS.includes(h.backingFormat))
+    return refuse(
+      Reason.Unsupported,
+      'backing-format-unsupported',
+      `${role} ${path} records backing format ${JSON.stringify(h.backingFormat)}; only raw and qcow2 backing files are served`,
+    );
+  if (!(h.virtualSize > 0) || !Number.isSafeInteger(h.virtualSize))
+    return refuse(
+      Reason.ImageInvalid,
+      'virtual-size',
+      `${role} ${path} declares a virtual size of ${h.virtualSize} bytes; it must be positive and at most 2^53 - 1`,
+    );
+  return undefined;
 }
 
 function judgeEnd(end: ChainEnd): ImageRefusal | undefined {
