@@ -188,8 +188,11 @@ export interface ImageChainPolicy {
 }
 
 export interface ImageJudgeRequest extends ImageChainPolicy {
-  /** The format the spec declares for the top image. */
-  declaredFormat: ImageFormat;
+  /**
+   * The format the spec declares for the top image; undefined when nothing declares it (a
+   * backing file named by a spec without backingFormat), so it was probed as QEMU would.
+   */
+  declaredFormat: ImageFormat | undefined;
 }
 
 /**
@@ -314,7 +317,7 @@ function judgeImage(
     case 'qcow2':
       return judgeQcow2(image, depth, role, request);
     default:
-      return depth === 0
+      return depth === 0 && request.declaredFormat !== undefined
         ? refuse(
             Reason.ImageFormatMismatch,
             'format-mismatch',
@@ -323,7 +326,7 @@ function judgeImage(
         : refuse(
             Reason.Unsupported,
             'backing-format-unsupported',
-            `${role} ${path} is ${image.openAs} (${image.formatSource}); only raw and qcow2 backing files are served`,
+            `${role} ${path} is ${image.openAs} (${image.formatSource}); only raw and qcow2 images are served`,
           );
   }
 }

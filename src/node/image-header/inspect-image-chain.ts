@@ -25,8 +25,12 @@ import type {
 import { readImageHeader, type ImageHeaderRead } from './read-image-header.js';
 
 export interface InspectImageChainOptions {
-  /** The format the spec declares for the top image: QEMU is told it, never left to probe. */
-  declaredFormat: ImageFormat;
+  /**
+   * The format the spec declares for the top image: QEMU is told it, never left to probe.
+   * Undefined probes it by magic, as QEMU does when nothing says (a spec's backing file
+   * without backingFormat).
+   */
+  declaredFormat: ImageFormat | undefined;
   /** createBackingGate(policy) from src/plan/image-header.ts. */
   gate: BackingGate;
 }
@@ -58,8 +62,8 @@ export async function inspectImageChain(
   let next: NextImage = {
     path,
     realPath: top.realPath,
-    openAs: options.declaredFormat,
-    formatSource: 'spec',
+    ...(options.declaredFormat !== undefined ? { openAs: options.declaredFormat } : {}),
+    formatSource: options.declaredFormat !== undefined ? 'spec' : 'probed',
   };
 
   for (;;) {

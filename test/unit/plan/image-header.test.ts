@@ -272,6 +272,26 @@ describe('judgeImageChain refuses', () => {
     });
   });
 
+  it('a probed top image (a spec backing file without backingFormat) in another format', () => {
+    const vmdk = image(
+      '/data/base.vmdk',
+      { kind: 'foreign', format: 'vmdk', evidence: 'KDMV' },
+      {
+        openAs: 'vmdk',
+        formatSource: 'probed',
+      },
+    );
+    expect(refusalOf(chain([vmdk], { kind: 'stopped' }), { declaredFormat: undefined })).toMatchObject({
+      code: 'backing-format-unsupported',
+      reason: Reason.Unsupported,
+    });
+    const qcow = image('/data/base.qcow2', qcow2Header(), { formatSource: 'probed' });
+    expect(judgeImageChain(chain([qcow]), request({ declaredFormat: undefined }))).toMatchObject({
+      ok: true,
+      image: { format: 'qcow2' },
+    });
+  });
+
   it('a backing file declared qcow2 that is not', () => {
     const top = image('/data/a.qcow2', qcow2Header({ backingFileName: 'b', backingFormat: 'qcow2' }));
     const raw = image('/data/b', { kind: 'raw' }, { openAs: 'qcow2', formatSource: 'backing-format' });

@@ -45,8 +45,12 @@ async function writeQcow2(path: string, backing?: string, format?: string): Prom
   return path;
 }
 
-const inspect = (path: string, declaredFormat: 'raw' | 'qcow2' = 'qcow2'): Promise<ImageChainInspection> =>
-  inspectImageChain(path, { declaredFormat, gate });
+/** `probe`: no declared format. */
+const inspect = (
+  path: string,
+  declared: 'raw' | 'qcow2' | 'probe' = 'qcow2',
+): Promise<ImageChainInspection> =>
+  inspectImageChain(path, { declaredFormat: declared === 'probe' ? undefined : declared, gate });
 
 const judge = (inspection: ImageChainInspection) =>
   judgeImageChain(inspection, {
@@ -189,6 +193,21 @@ describe('inspectImageChain', () => {
     expect(inspection).toMatchObject({
       images: [{ openAs: 'raw', header: { kind: 'qcow2' } }],
       end: { kind: 'complete' },
+    });
+  });
+
+  it('probes the top image when no format is declared, as QEMU does', async () => {
+    await writeFile(join(root, 'probe-base.raw'), new Uint8Array(4096));
+    const top = await writeQcow2(join(root, 'probe-top.qcow2'), 'probe-base.raw', 'raw');
+    expect(await inspect(top, 'probe')).toMatchObject({
+      images: [
+        { openAs: 'qcow2', formatSource: 'probed' },
+        { openAs: 'raw', formatSource: 'backing-format' },
+      ],
+      end: { kind: 'complete' },
+    });
+    expect(await inspect(join(root, 'probe-base.raw'), 'probe')).toMatchObject({
+      images: [{ openAs: 'raw', formatSource: 'probed' }],
     });
   });
 
