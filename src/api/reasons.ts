@@ -31,6 +31,12 @@ export const Reason = {
   ImageInvalid: 'ImageInvalid',
   ImageInUse: 'ImageInUse',
   BackingFileNotFound: 'BackingFileNotFound',
+  /**
+   * The image's header asks for something that would reach outside it: an external data file,
+   * a backing name that is not a plain path, a hard-linked or non-regular file, a loop or an
+   * over-long backing chain (src/plan/image-header.ts).
+   */
+  ImageUnsafe: 'ImageUnsafe',
   // serving
   ConfigPending: 'ConfigPending',
   RestartPending: 'RestartPending',
