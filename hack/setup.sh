@@ -6,8 +6,9 @@
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
-apt_packages=(nbd-server qemu-utils qemu-system-common libnbd-bin)
-declare -A probe_binary=([nbd-server]=nbd-server [qemu-utils]=qemu-img [qemu-system-common]=qemu-storage-daemon [libnbd-bin]=nbdinfo)
+# mount (losetup) and kmod (modprobe zram): the block-device tests set up loop and zram devices.
+apt_packages=(nbd-server qemu-utils qemu-system-common libnbd-bin mount kmod)
+declare -A probe_binary=([nbd-server]=nbd-server [qemu-utils]=qemu-img [qemu-system-common]=qemu-storage-daemon [libnbd-bin]=nbdinfo [mount]=losetup [kmod]=modprobe)
 
 missing=()
 for pkg in "${apt_packages[@]}"; do

@@ -92,7 +92,15 @@ async function handshake(socket: Socket, reader: SocketReader, exportName: strin
       return { ok: false, message: `export "${exportName}": ${what}${detail ? `: ${detail}` : ''}` };
     }
     if (type === REP_INFO && data.length >= 12 && data.readUInt16BE(0) === INFO_EXPORT) {
-      size = Number(data.readBigUInt64BE(2));
+      const announced = data.readBigUInt64BE(2);
+      // Above 2^53 a Number rounds, and no real image is that large: nbd-server announces
+      // 2^64-1 when it cannot tell a device's size (a detached loop device, a reset zram device).
+      if (announced > BigInt(Number.MAX_SAFE_INTEGER))
+        return {
+          ok: false,
+          message: `export "${exportName}": the server announces ${announced} bytes, which is no real size; it could not determine the size of what it serves (a block device without a medium?)`,
+        };
+      size = Number(announced);
       readOnly = (data.readUInt16BE(10) & TRANSMISSION_FLAG_READ_ONLY) !== 0;
     } else if (type === REP_ACK) break;
   }
