@@ -40,6 +40,8 @@ export async function runController(options: RunOptions): Promise<void> {
     nbdServerPort: options.nbdPort,
     qemuPort: options.qemuPort,
     rawServer: options.rawServer,
+    maxBackingDepth: options.maxBackingDepth,
+    allowRawOverForeignHeader: options.allowRawOverForeignHeader,
   };
   // The metrics read the controller only at scrape time, once the health server listens.
   const metrics: ControllerMetrics = new ControllerMetrics(

@@ -2,6 +2,7 @@
  * The `run` command's flags, with defaults. Parsing fails with a message naming the
  * flag; nothing here touches the node.
  */
+import { DEFAULT_MAX_BACKING_DEPTH } from '../plan/image-header.js';
 import { hostname, networkInterfaces } from 'node:os';
 import { isAbsolute, join, resolve } from 'node:path';
 import { parseArgs } from 'node:util';
@@ -24,6 +25,8 @@ export interface RunOptions {
   healthAddress: string;
   rawServer: ServerKind;
   concurrency: number;
+  maxBackingDepth: number;
+  allowRawOverForeignHeader: boolean;
   /** SIGTERM ends the process within this long, whatever is still running (a wedged step). */
   shutdownTimeoutMs: number;
   logLevel: string;
@@ -45,6 +48,10 @@ export const RUN_USAGE = `usage: nbd-export-controller run [flags]
   --health-address ADDR        address of the health server (default 0.0.0.0)
   --raw-server KIND            who serves raw files and devices: nbd-server or qemu-storage-daemon (default nbd-server)
   --concurrency N              reconciles at once (default 4)
+  --max-backing-depth N        backing images allowed below an image (default 16)
+  --allow-raw-over-foreign-header
+                               serve a raw spec even when its bytes start with another format's header
+                               (a guest disk holding a QCOW2/LUKS image); off: refused as ImageFormatMismatch
   --shutdown-timeout SECONDS   a stop signal ends the process within this long (default 20; the pod's grace is 60)
   --log-level LEVEL            pino level (default info)`;
 
@@ -69,6 +76,8 @@ export function parseRunOptions(argv: string[]): RunOptions {
       'raw-server': { type: 'string', default: 'nbd-server' },
       concurrency: { type: 'string', default: '4' },
       'shutdown-timeout': { type: 'string', default: '20' },
+      'max-backing-depth': { type: 'string', default: String(DEFAULT_MAX_BACKING_DEPTH) },
+      'allow-raw-over-foreign-header': { type: 'boolean', default: false },
       'log-level': { type: 'string', default: 'info' },
     },
   });
@@ -111,6 +120,8 @@ export function parseRunOptions(argv: string[]): RunOptions {
     rawServer,
     concurrency: positive('--concurrency', values.concurrency),
     shutdownTimeoutMs: 1000 * positive('--shutdown-timeout', values['shutdown-timeout']),
+    maxBackingDepth: positive('--max-backing-depth', values['max-backing-depth']),
+    allowRawOverForeignHeader: values['allow-raw-over-foreign-header'],
     logLevel: values['log-level'],
   };
 }

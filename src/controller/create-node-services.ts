@@ -9,7 +9,10 @@ import { probeExport } from '../node/nbd-probe.js';
 import { NbdServerSupervisor } from '../node/nbd-server/nbd-server-supervisor.js';
 import { OwnershipLedger } from '../node/ownership-ledger.js';
 import { ChecksumJobs } from '../node/checksum-jobs.js';
-import { createImage, inspectImage, probeImageLock, removeStaleTemporaryImages } from '../node/qemu-img.js';
+import { inspectImageChain } from '../node/image-header/inspect-image-chain.js';
+import { createImage, probeImageLock, removeStaleTemporaryImages } from '../node/qemu-img.js';
+import { createBackingGate, judgeImageChain, type ImageJudgeRequest } from '../plan/image-header.js';
+import type { ImageObservation } from '../plan/observed-state.js';
 import { QemuStorageDaemon } from '../node/qemu-storage-daemon/qemu-storage-daemon.js';
 import { resolvePath } from '../node/resolve-path.js';
 import type { ExportFigures, ServerFigures } from './metrics/controller-metrics.js';
@@ -63,8 +66,7 @@ export async function createNodeServices(options: NodeServicesOptions): Promise<
     qemu,
     checksums,
     images: {
-      inspect: (path, { forceShare, format }) =>
-        inspectImage(path, { forceShare, ...(format ? { format } : {}) }),
+      inspect: (path, request) => inspectAndJudge(path, request),
       probeLock: probeImageLock,
       async create(request, beforePublish) {
         await createImage(request, { beforePublish });
@@ -116,6 +118,22 @@ export async function createNodeServices(options: NodeServicesOptions): Promise<
       });
     },
   };
+}
+
+/**
+ * Our own reading of the image and its chain, never opening what the gate refuses, then the
+ * judge's verdict. A missing top image is `missing` (the planner may create it).
+ */
+async function inspectAndJudge(path: string, request: ImageJudgeRequest): Promise<ImageObservation> {
+  const inspection = await inspectImageChain(path, {
+    declaredFormat: request.declaredFormat,
+    gate: createBackingGate(request),
+  });
+  if (inspection.images.length === 0 && inspection.end.kind === 'missing') return { kind: 'missing' };
+  const verdict = judgeImageChain(inspection, request);
+  return verdict.ok
+    ? { kind: 'present', info: verdict.image }
+    : { kind: 'refused', reason: verdict.reason, message: verdict.message };
 }
 
 /**

@@ -7,11 +7,12 @@ import type { ExportConfig } from '../api/export-config.js';
 import type {
   ChecksumJob,
   ChecksumRequest,
-  ImageInfo,
+  ImageObservation,
   LockObservation,
   PathObservation,
 } from '../plan/observed-state.js';
 import type { Action } from '../plan/actions.js';
+import type { ImageJudgeRequest } from '../plan/image-header.js';
 import type { OwnershipLedger } from '../node/ownership-ledger.js';
 import type { ProbeResult, ProbeTarget } from '../node/nbd-probe.js';
 
@@ -40,8 +41,11 @@ export interface QemuServerControl {
 export type CreateImageRequest = Omit<Extract<Action, { kind: 'createImage' }>, 'kind'>;
 
 export interface ImageTools {
-  /** `format: 'raw'` never lets qemu-img guess; a QCOW2 header is still reported as qcow2. */
-  inspect(path: string, options: { forceShare: boolean; format?: 'raw' | undefined }): Promise<ImageInfo>;
+  /**
+   * Reads the image's header and its backing chain in our own code (no QEMU tool sees an
+   * untrusted image) and judges them by the request: present, refused, missing or unreadable.
+   */
+  inspect(path: string, request: ImageJudgeRequest): Promise<ImageObservation>;
   probeLock(path: string): Promise<LockObservation>;
   /**
    * Creates without ever overwriting. `beforePublish` receives the new file's inode before

@@ -4,7 +4,8 @@
  * that does not validate, no lock probe for an image our own qemu-storage-daemon holds).
  */
 import { fingerprintOf } from '../api/export-config.js';
-import { keyOf, type NbdExport, type ServerKind } from '../api/types.js';
+import { keyOf, type ImageFormat, type NbdExport, type ServerKind } from '../api/types.js';
+import type { NodePolicy } from '../plan/node-policy.js';
 import type { DesiredExport, InvalidExport } from '../plan/desired-export.js';
 import type {
   ConflictObservation,
@@ -17,6 +18,7 @@ import type { NodeServices } from './node-services.js';
 
 export interface ObserveContext {
   services: NodeServices;
+  policy: NodePolicy;
   conflict: ConflictObservation | undefined;
   probe: ProbeObservation | undefined;
 }
@@ -49,7 +51,7 @@ export async function observeExport(
 
   if (deleting || !desired.ok || server === undefined) {
     const created = ledger?.createdImage;
-    if (created) observed.image = await inspect(services, created.path, false);
+    if (created) observed.image = await inspect(services, context.policy, created.path, undefined);
     return observed;
   }
   observed.desired = servers.serving(server, desired.exportName);
@@ -57,7 +59,7 @@ export async function observeExport(
   const path = await services.resolvePath(desired.specPath);
   observed.path = path;
   if (path.kind === 'resolved' && path.exists) {
-    observed.image = await inspect(services, path.realPath, desired.format === 'raw');
+    observed.image = await inspect(services, context.policy, path.realPath, desired.format);
     const heldByUs = servers.qemuPaths.has(path.realPath);
     if (!heldByUs && observed.image.kind === 'present')
       observed.lock = await services.images.probeLock(path.realPath);
@@ -69,24 +71,29 @@ export async function observeExport(
       observed.backingPath = backingPath;
       observed.backingImage =
         backingPath.kind === 'resolved' && backingPath.exists
-          ? await inspect(services, backingPath.realPath, false)
+          ? await inspect(services, context.policy, backingPath.realPath, desired.createBackingFormat)
           : { kind: 'missing' };
     }
   }
   return observed;
 }
 
-/** `raw`: the spec says raw, so qemu-img must not guess (a QCOW2 header still shows as qcow2). */
-async function inspect(services: NodeServices, path: string, raw: boolean): Promise<ImageObservation> {
+/** Inspected by our own header reading and judged by the node's rules (src/plan/image-header.ts). */
+async function inspect(
+  services: NodeServices,
+  policy: NodePolicy,
+  path: string,
+  declaredFormat: ImageFormat | undefined,
+): Promise<ImageObservation> {
   try {
-    // -U: our own qemu-storage-daemon may hold the image; reading its header is safe.
-    const info = await services.images.inspect(path, { forceShare: true, format: raw ? 'raw' : undefined });
-    return { kind: 'present', info };
+    return await services.images.inspect(path, {
+      allowedRoots: policy.allowedRoots,
+      maxBackingDepth: policy.maxBackingDepth,
+      allowRawOverForeignHeader: policy.allowRawOverForeignHeader,
+      declaredFormat,
+    });
   } catch (error) {
-    const code = (error as NodeJS.ErrnoException | undefined)?.code;
-    const message = error instanceof Error ? error.message : String(error);
-    if (code === 'ENOENT' || /No such file or directory/.test(message)) return { kind: 'missing' };
-    return { kind: 'unreadable', message };
+    return { kind: 'unreadable', message: error instanceof Error ? error.message : String(error) };
   }
 }
 

@@ -12,7 +12,7 @@ import {
 import type { Action } from '../plan/actions.js';
 import { decideConflicts, type Claim } from '../plan/conflicts.js';
 import { desiredExportOf } from '../plan/desired-export.js';
-import type { NodePolicy } from '../plan/node-policy.js';
+import { isPathAllowed, type NodePolicy } from '../plan/node-policy.js';
 import type { ObservedExport, ProbeObservation } from '../plan/observed-state.js';
 import { planExport, type ExportPlan } from '../plan/plan-export.js';
 import { ExportBusyError, ImageLockedError } from '../node/qemu-storage-daemon/errors.js';
@@ -78,6 +78,7 @@ export class Reconciler {
       const desired = desiredExportOf(resource, this.#policy);
       const seen = await observeExport(resource, desired, {
         services: this.#services,
+        policy: this.#policy,
         conflict: conflicts.get(key),
         probe: this.#probeOf(key),
       });
@@ -122,12 +123,15 @@ export class Reconciler {
         const desired = desiredExportOf(other, this.#policy);
         if (!desired.ok) return undefined;
         const resolved = await this.#services.resolvePath(desired.specPath);
+        // A resource the node's rules refuse serves nothing: it claims nothing either.
+        if (resolved.kind === 'error') return undefined;
+        if (!isPathAllowed(resolved.realPath, desired.isDevice, this.#policy)) return undefined;
         return {
           key: keyOf(other.metadata),
           uid: other.metadata.uid ?? '',
           creationTimestamp: other.metadata.creationTimestamp ?? '',
           exportName: desired.exportName,
-          realPath: resolved.kind === 'resolved' ? resolved.realPath : desired.specPath,
+          realPath: resolved.realPath,
           writable: !desired.readOnly,
         };
       }),

@@ -1,46 +1,19 @@
 /**
- * qemu-img, as the controller needs it: inspect an image (format, sizes, backing chain),
- * tell whether another process holds it open for writing, and create images without
- * ever overwriting a file.
+ * qemu-img, as the controller needs it: create images without ever overwriting a file (and
+ * without opening a backing file: its size and format come from our own header reading),
+ * and tell from the kernel's lock table whether another process holds an image for writing.
+ * Images are inspected by src/node/image-header/, never by a QEMU tool.
  *
  * The free functions use the real `qemu-img`; `createQemuImg()` builds the same functions
  * on another binary or a fake `CommandRunner` (unit tests).
  */
 import { randomBytes } from 'node:crypto';
-import { link, lstat, open, readFile, readdir, realpath, stat, unlink } from 'node:fs/promises';
-import { basename, dirname, isAbsolute, join, resolve } from 'node:path';
+import { link, lstat, open, readFile, readdir, stat, unlink } from 'node:fs/promises';
+import { basename, dirname, isAbsolute, join } from 'node:path';
 import type { ImageFormat } from '../api/types.js';
 import type { LockObservation } from '../plan/observed-state.js';
 import type { RunOptions } from './process/run-command.js';
-import { QemuCommandError, isLockError, qemuMessage, runCommand, type CommandRunner } from './qemu-error.js';
-
-export interface ImageInfo {
-  /** The format qemu-img found (or was told, for raw after a header check): compare it to the spec. */
-  format: string;
-  /** Bytes a client sees. */
-  virtualSize: number;
-  /** Bytes allocated on disk. */
-  actualSize: number;
-  /** Absolute (real, where they exist) paths of the backing images, nearest first, without the image itself. */
-  backingChain: string[];
-  /** Format of the nearest backing image, as recorded in the image. */
-  backingFormat?: string;
-  /** QCOW2 corrupt bit: QEMU refuses to write such an image. */
-  corrupt?: boolean;
-  /** Dirty flag (lazy refcounts after a crash). */
-  dirty?: boolean;
-}
-
-export interface InspectOptions {
-  /** `-U`: read the header even while another process (our qemu-storage-daemon) holds the image. */
-  forceShare?: boolean;
-  /**
-   * `raw`: open as raw, never letting qemu-img guess a format from the first bytes; a file that
-   * nevertheless starts with a QCOW2 header is reported as qcow2 (serving it raw would expose
-   * the container, not the disk). Without it, qemu-img probes the format.
-   */
-  format?: 'raw';
-}
+import { QemuCommandError, runCommand, type CommandRunner } from './qemu-error.js';
 
 export interface CreateImageRequest {
   /** Absolute path of the image to create; must not exist. */
@@ -84,13 +57,11 @@ export interface CreateImageHooks {
 }
 
 export interface QemuImg {
-  inspectImage(path: string, options?: InspectOptions): Promise<ImageInfo>;
   probeImageLock(path: string): Promise<LockObservation>;
   /** Resolves to the published image's inode. */
   createImage(request: CreateImageRequest, hooks?: CreateImageHooks): Promise<number>;
 }
 
-const QCOW2_MAGIC = Buffer.from([0x51, 0x46, 0x49, 0xfb]); // "QFI\xfb"
 /** `.<basename>.nbdx-tmp-<12 hex>`: a temporary image of createImage, ours to remove after a crash. */
 const TEMP_PATTERN = /^\..+\.nbdx-tmp-[0-9a-f]{12}$/;
 /** QEMU locks byte 100 + n while it holds permission n; n = 1 is "write". */
@@ -107,70 +78,20 @@ export function createQemuImg(options: QemuImgOptions = {}): QemuImg {
     return result.stdout;
   }
 
-  async function inspectImage(path: string, inspectOptions: InspectOptions = {}): Promise<ImageInfo> {
-    let format = inspectOptions.format;
-    if (format === 'raw' && (await startsWithQcow2Header(path))) format = undefined;
-    const args = [
-      'info',
-      '--output=json',
-      '--backing-chain',
-      ...(inspectOptions.forceShare ? ['-U'] : []),
-      ...(format ? ['-f', format] : []),
-      path,
-    ];
-    const stdout = await qemuImg(args);
-    let chain: unknown;
-    try {
-      chain = JSON.parse(stdout);
-    } catch (error) {
-      throw new QemuCommandError(binary, args, 0, '', {
-        cause: error,
-        message: `${binary} info printed no JSON for ${path}`,
-      });
-    }
-    return parseInfoChain(path, chain);
-  }
-
   async function probeImageLock(path: string): Promise<LockObservation> {
-    // The kernel's lock table answers without touching the image. Asking qemu-img first
-    // would itself take a shared lock for a moment, and a QEMU writer starting in that
-    // moment would fail to open the image.
-    const held = await holdsQemuWriteLock(path, procLocksPath).catch((error: unknown) => {
-      if (
-        (error as NodeJS.ErrnoException).code === 'ENOENT' &&
-        (error as NodeJS.ErrnoException).path === procLocksPath
-      )
-        return undefined; // no /proc/locks: ask qemu-img alone
-      throw error;
-    });
-    if (held === false) return { locked: false };
-
-    // Without -U qemu-img asks for the permissions a reader needs and fails, with QEMU's own
-    // words, when a writer of a format with metadata (qcow2) does not share "write". A raw
-    // image's writer shares it, so qemu-img opens it fine: the lock table told us.
-    const args = ['info', '--output=json', path];
-    const result = await run(binary, args);
-    if (result.exitCode !== 0) {
-      if (isLockError(result.stderr)) return { locked: true, message: qemuMessage(result.stderr) };
-      throw QemuCommandError.fromResult(binary, args, result);
-    }
-    if (held === undefined) return { locked: false };
+    // The kernel's lock table answers without touching the image: no QEMU tool opens an
+    // image that a user controls (it would follow whatever the header names), and a qemu-img
+    // taking its own shared lock for a moment would make a QEMU writer starting then fail.
+    if (!(await holdsQemuWriteLock(path, procLocksPath))) return { locked: false };
     return {
       locked: true,
-      message: `another process has ${path} open for writing (it holds QEMU's "write" permission lock, OFD lock on byte 101 in /proc/locks)`,
+      message: `another process has ${path} open for writing (it holds QEMU's "write" permission lock: an OFD lock on byte 101 in /proc/locks)`,
     };
   }
 
   async function createImage(request: CreateImageRequest, hooks: CreateImageHooks = {}): Promise<number> {
     checkCreateRequest(request);
-    const { path, format, backingFile } = request;
-    let backingFormat = request.backingFormat;
-    if (backingFile !== undefined && backingFormat === undefined) {
-      const found = (await inspectImage(backingFile, { forceShare: true })).format;
-      if (found !== 'qcow2' && found !== 'raw')
-        throw new TypeError(`backing file ${backingFile} has format "${found}", expected qcow2 or raw`);
-      backingFormat = found;
-    }
+    const { path, format, backingFile, backingFormat } = request;
     if (await exists(path)) throw new ImageExistsError(path);
 
     const directory = dirname(path);
@@ -181,7 +102,8 @@ export function createQemuImg(options: QemuImgOptions = {}): QemuImg {
       '-f',
       format,
       ...(request.preallocation ? ['-o', `preallocation=${request.preallocation}`] : []),
-      ...(backingFile !== undefined ? ['-b', backingFile, '-F', backingFormat ?? 'raw'] : []),
+      // -u: qemu-img does not open the backing file; its size and format come from our own reading.
+      ...(backingFile !== undefined ? ['-u', '-b', backingFile, '-F', backingFormat ?? 'raw'] : []),
       temporary,
       ...(request.sizeBytes !== undefined ? [String(request.sizeBytes)] : []),
     ];
@@ -207,15 +129,10 @@ export function createQemuImg(options: QemuImgOptions = {}): QemuImg {
     }
   }
 
-  return { inspectImage, probeImageLock, createImage };
+  return { probeImageLock, createImage };
 }
 
 const defaultQemuImg = createQemuImg();
-
-/** `qemu-img info --output=json --backing-chain` of an image. */
-export function inspectImage(path: string, options?: InspectOptions): Promise<ImageInfo> {
-  return defaultQemuImg.inspectImage(path, options);
-}
 
 /** Whether another process holds the image open for writing (a QEMU write lock). */
 export function probeImageLock(path: string): Promise<LockObservation> {
@@ -261,64 +178,12 @@ function checkCreateRequest(request: CreateImageRequest): void {
     if (request.format !== 'qcow2') throw new TypeError('only a qcow2 image can have a backing file');
     if (!isAbsolute(request.backingFile))
       throw new TypeError(`backing file must be an absolute path, got "${request.backingFile}"`);
-  } else if (request.sizeBytes === undefined) {
-    throw new TypeError('sizeBytes is required without a backing file');
+    if (request.backingFormat === undefined)
+      throw new TypeError('backingFormat is required with a backing file (qemu-img never probes it)');
   }
+  if (request.sizeBytes === undefined) throw new TypeError('sizeBytes is required');
   if (request.sizeBytes !== undefined && (!Number.isSafeInteger(request.sizeBytes) || request.sizeBytes <= 0))
     throw new TypeError(`sizeBytes must be a positive integer, got ${request.sizeBytes}`);
-}
-
-interface InfoEntry {
-  filename?: string;
-  format?: string;
-  'virtual-size'?: number;
-  'actual-size'?: number;
-  'backing-filename'?: string;
-  'full-backing-filename'?: string;
-  'backing-filename-format'?: string;
-  'dirty-flag'?: boolean;
-  'format-specific'?: { type?: string; data?: { corrupt?: boolean } };
-}
-
-/** Turns qemu-img's backing-chain JSON (an array, the image first) into ImageInfo. */
-export async function parseInfoChain(path: string, chain: unknown): Promise<ImageInfo> {
-  const entries = (Array.isArray(chain) ? chain : [chain]) as InfoEntry[];
-  const top = entries[0];
-  if (top === undefined || typeof top.format !== 'string' || typeof top['virtual-size'] !== 'number')
-    throw new TypeError(`qemu-img info gave no format or size for ${path}`);
-
-  const backingChain: string[] = [];
-  let previous = resolve(path);
-  for (const entry of entries.slice(0, -1)) {
-    const named = entry['full-backing-filename'] ?? entry['backing-filename'];
-    if (named === undefined) break;
-    const absolute = resolve(dirname(previous), named);
-    const real = await realpath(absolute).catch(() => absolute);
-    backingChain.push(real);
-    previous = real;
-  }
-  const corrupt = top['format-specific']?.data?.corrupt;
-  return {
-    format: top.format,
-    virtualSize: top['virtual-size'],
-    actualSize: top['actual-size'] ?? 0,
-    backingChain,
-    ...(top['backing-filename-format'] !== undefined
-      ? { backingFormat: top['backing-filename-format'] }
-      : {}),
-    ...(corrupt !== undefined ? { corrupt } : {}),
-    ...(top['dirty-flag'] !== undefined ? { dirty: top['dirty-flag'] } : {}),
-  };
-}
-
-async function startsWithQcow2Header(path: string): Promise<boolean> {
-  const handle = await open(path, 'r');
-  try {
-    const { bytesRead, buffer } = await handle.read(Buffer.alloc(4), 0, 4, 0);
-    return bytesRead === 4 && buffer.equals(QCOW2_MAGIC);
-  } finally {
-    await handle.close();
-  }
 }
 
 /**

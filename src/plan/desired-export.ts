@@ -22,6 +22,8 @@ export interface DesiredExport {
   readOnly: boolean;
   /** The backing file a creation would name, as the spec names it. */
   createBackingFile?: string;
+  /** Its format, when the spec says (else it is probed by magic, never by QEMU). */
+  createBackingFormat?: ImageFormat;
 }
 
 export interface InvalidExport {
@@ -41,6 +43,7 @@ export function desiredExportOf(
   const file = spec.source.file;
   const format: ImageFormat = file?.format ?? 'raw';
   const backing = file?.create?.backingFile;
+  const backingFormat = file?.create?.backingFormat;
   return {
     ok: true,
     spec,
@@ -51,5 +54,6 @@ export function desiredExportOf(
     isDevice: file === undefined,
     readOnly: spec.readOnly ?? false,
     ...(backing === undefined ? {} : { createBackingFile: backing }),
+    ...(backingFormat === undefined ? {} : { createBackingFormat: backingFormat }),
   };
 }

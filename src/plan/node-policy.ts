@@ -15,6 +15,13 @@ export interface NodePolicy {
   qemuPort: number;
   /** Who serves raw files and block devices. QCOW2 always goes to qemu-storage-daemon. */
   rawServer: ServerKind;
+  /** Backing images allowed below an image (src/plan/image-header.ts: DEFAULT_MAX_BACKING_DEPTH). */
+  maxBackingDepth: number;
+  /**
+   * The operator's consent to serve, as raw, bytes that begin with another format's header
+   * (a guest disk that itself holds a QCOW2 or LUKS image). Off: such a file is refused.
+   */
+  allowRawOverForeignHeader: boolean;
 }
 
 /** Who serves an image of this format (block devices are raw): QCOW2 needs a format-aware server. */
@@ -45,4 +52,19 @@ export function matchesDevicePattern(path: string, pattern: string): boolean {
     else source += c.replace(/[.+^${}()|[\]\\]/g, '\\$&');
   }
   return new RegExp(`^${source}$`).test(path);
+}
+
+/**
+ * Whether the node's rules let a resource use this real path at all: a file inside an
+ * allowed root, a block device matching an allowed pattern (on its real path: a symlink a
+ * pattern happens to cover may point anywhere).
+ */
+export function isPathAllowed(
+  realPath: string,
+  isDevice: boolean,
+  policy: Pick<NodePolicy, 'allowedRoots' | 'allowedDevices'>,
+): boolean {
+  return isDevice
+    ? policy.allowedDevices.some((pattern) => matchesDevicePattern(realPath, pattern))
+    : isInsideAnyRoot(realPath, policy.allowedRoots);
 }

@@ -27,8 +27,16 @@ export interface ImageInfo {
   corrupt?: boolean;
 }
 
+/**
+ * An image as the controller's own header reading found it (never QEMU's): `present` once the
+ * judge (src/plan/image-header.ts) accepted it and its whole backing chain, `refused` with the
+ * judge's reason when anything in it must not be opened or served.
+ */
 export type ImageObservation =
-  { kind: 'missing' } | { kind: 'present'; info: ImageInfo } | { kind: 'unreadable'; message: string };
+  | { kind: 'missing' }
+  | { kind: 'present'; info: ImageInfo }
+  | { kind: 'refused'; reason: string; message: string }
+  | { kind: 'unreadable'; message: string };
 
 export type LockObservation = { locked: false } | { locked: true; message: string };
 

@@ -20,7 +20,7 @@ import {
 import type { Action, ActionKind } from './actions.js';
 import type { DesiredExport, InvalidExport } from './desired-export.js';
 import { planSeal } from './plan-seal.js';
-import { isInsideAnyRoot, matchesDevicePattern, type NodePolicy } from './node-policy.js';
+import { isInsideAnyRoot, isPathAllowed, type NodePolicy } from './node-policy.js';
 import type { ExecutionFailure, ImageInfo, ObservedExport, ProbeObservation } from './observed-state.js';
 
 /** The status fields the planner decides; the reconciler adds observedGeneration and conditions. */
@@ -98,10 +98,8 @@ function planNextStep({ resource, desired, observed, policy }: PlanInput): Expor
   if (!path) return { ...waiting([], Reason.Reconciling, 'resolving the path'), fields };
   if (path.kind === 'error') return { ...notReady(Reason.PathNotAllowed, path.message), fields };
   if (isDevice) {
-    const allowed = policy.allowedDevices.some(
-      (pattern) => matchesDevicePattern(specPath, pattern) || matchesDevicePattern(path.realPath, pattern),
-    );
-    if (!allowed)
+    // udev's /dev/disk/by-id links still work: they resolve to /dev/sd*, /dev/nvme*, ...
+    if (!isPathAllowed(path.realPath, true, policy))
       return {
         ...notReady(
           Reason.DeviceNotAllowed,
@@ -116,7 +114,7 @@ function planNextStep({ resource, desired, observed, policy }: PlanInput): Expor
         ...notReady(Reason.ImageInvalid, `${specPath} (${path.realPath}) is not a block device`),
         fields,
       };
-  } else if (!isInsideAnyRoot(path.realPath, policy.allowedRoots)) {
+  } else if (!isPathAllowed(path.realPath, false, policy)) {
     return {
       ...notReady(
         Reason.PathNotAllowed,
@@ -155,6 +153,7 @@ function planNextStep({ resource, desired, observed, policy }: PlanInput): Expor
       ...notReady(Reason.ImageInvalid, `${specPath} cannot be read as an image: ${image.message}`),
       fields,
     };
+  if (image.kind === 'refused') return { ...notReady(image.reason, image.message), fields };
 
   const info = image.info;
   const imageFields: StatusFields = {
@@ -165,6 +164,15 @@ function planNextStep({ resource, desired, observed, policy }: PlanInput): Expor
   };
   const imageProblem = checkImage(info, format, isDevice, specPath, policy);
   if (imageProblem) return { ...notReady(imageProblem.reason, imageProblem.message), fields: imageFields };
+  if (isDevice && info.virtualSize === 0)
+    return {
+      ...notReady(
+        Reason.ImageNotFound,
+        `block device ${specPath} (${path.realPath}) has no medium: its size is 0 (a detached loop device, a reset zram device); it is served again once it has one`,
+      ),
+      fields: imageFields,
+      requeueAfterMs: RECHECK_FILESYSTEM_MS,
+    };
   const backingWriter = writerOfBacking(info.backingChain, observed);
   if (backingWriter) return { ...backingWriter, fields: imageFields };
   if (observed.lock?.locked)
@@ -278,6 +286,8 @@ function planCreation(
         Reason.PathNotAllowed,
         `backing file ${create.backingFile} resolves to ${backing.realPath}, outside this node's allowed roots`,
       );
+    if (observed.backingImage.kind === 'refused')
+      return notReady(observed.backingImage.reason, observed.backingImage.message);
     if (observed.backingImage.kind !== 'present')
       return {
         ...notReady(
@@ -293,9 +303,11 @@ function planCreation(
   const size = create.size === undefined ? undefined : parseQuantity(create.size);
   if (size && !size.ok) return notReady(Reason.InvalidSpec, `spec.source.file.create.size: ${size.message}`);
 
-  const backingFormat =
-    create.backingFormat ??
-    (observed.backingImage?.kind === 'present' ? asFormat(observed.backingImage.info.format) : undefined);
+  // With a backing file, size and backing format come from our own reading of it, so that
+  // qemu-img never has to open the backing file itself (createImage runs it with -u).
+  const backingInfo = observed.backingImage?.kind === 'present' ? observed.backingImage.info : undefined;
+  const backingFormat = create.backingFormat ?? (backingInfo ? asFormat(backingInfo.format) : undefined);
+  const sizeBytes = size?.ok ? size.bytes : backingInfo?.virtualSize;
   const actions: Action[] = [];
   if (!parentExists) actions.push({ kind: 'makeParentDirectories', path: realPath });
   // Recorded first: if the controller dies mid-creation, the next run knows the file is its own.
@@ -304,7 +316,7 @@ function planCreation(
     kind: 'createImage',
     path: realPath,
     format: file.format,
-    ...(size?.ok ? { sizeBytes: size.bytes } : {}),
+    ...(sizeBytes === undefined ? {} : { sizeBytes }),
     ...(backingFile === undefined ? {} : { backingFile }),
     ...(backingFormat === undefined ? {} : { backingFormat }),
     ...(create.preallocation === undefined ? {} : { preallocation: create.preallocation }),
@@ -441,7 +453,10 @@ function planServing(
     };
 
   const probe = observed.probe;
-  if (!probe || probe.fingerprint !== fingerprint || !isFresh(probe))
+  // A size that no longer matches is asked again (the image grew, a device came back) before
+  // it is reported as a failure.
+  const sizeChanged = probe?.ok === true && probe.size !== expectedSize && probe.ageMs >= PROBE_RETRY_MS;
+  if (!probe || probe.fingerprint !== fingerprint || !isFresh(probe) || sizeChanged)
     return {
       actions: [
         { kind: 'probe', server: config.server, exportName: config.exportName, fingerprint, expectedSize },
@@ -473,7 +488,7 @@ function planServing(
       Reason.Served,
       `served by ${config.server}; an NBD handshake saw ${expectedSize} bytes`,
     ),
-    requeueAfterMs: PROBE_TRUSTED_MS,
+    requeueAfterMs: config.blockDevice ? RECHECK_FILESYSTEM_MS : PROBE_TRUSTED_MS,
   };
 }
 
@@ -484,6 +499,7 @@ function planServing(
  */
 const REFUSALS: ReadonlySet<string> = new Set([
   Reason.InvalidSpec,
+  Reason.ImageUnsafe,
   Reason.PathNotAllowed,
   Reason.DeviceNotAllowed,
   Reason.Unsupported,

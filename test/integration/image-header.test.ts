@@ -25,7 +25,7 @@ import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { ImageFormat } from '../../src/api/types.js';
 import { inspectImageChain } from '../../src/node/image-header/inspect-image-chain.js';
-import { parseInfoChain, type ImageInfo } from '../../src/node/qemu-img.js';
+import { parseInfoChain, type QemuImageInfo as ImageInfo } from '../support/qemu-img-info.js';
 import {
   createBackingGate,
   DEFAULT_MAX_BACKING_DEPTH,

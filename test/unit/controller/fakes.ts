@@ -16,6 +16,7 @@ import type {
   ChecksumJob,
   ChecksumRequest,
   ImageInfo,
+  ImageObservation,
   LockObservation,
   PathObservation,
 } from '../../../src/plan/observed-state.js';
@@ -157,13 +158,9 @@ export class FakeNode {
         status: () => ({ running: true }),
       },
       images: {
-        inspect: (path) => {
+        inspect: (path): Promise<ImageObservation> => {
           const info = this.files.get(path);
-          return info
-            ? Promise.resolve(info)
-            : Promise.reject(
-                Object.assign(new Error(`${path}: No such file or directory`), { code: 'ENOENT' }),
-              );
+          return Promise.resolve(info ? { kind: 'present', info } : { kind: 'missing' });
         },
         probeLock: (path): Promise<LockObservation> => {
           const message = this.locks.get(path);

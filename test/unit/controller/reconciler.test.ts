@@ -16,6 +16,8 @@ const policy: NodePolicy = {
   nbdServerPort: 10809,
   qemuPort: 10810,
   rawServer: 'nbd-server',
+  maxBackingDepth: 16,
+  allowRawOverForeignHeader: false,
 };
 const GiB = 1024 ** 3;
 

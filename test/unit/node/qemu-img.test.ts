@@ -12,7 +12,6 @@ import {
   createQemuImg,
   ImageExistsError,
   isTemporaryImageName,
-  parseInfoChain,
   parseProcLocks,
 } from '../../../src/node/qemu-img.js';
 
@@ -56,44 +55,6 @@ async function procLocksFile(path: string, bytes: number[]): Promise<string> {
   return file;
 }
 
-describe('parseInfoChain', () => {
-  it('reads sizes, flags and the backing chain nearest first', async () => {
-    const info = await parseInfoChain('/images/incr.qcow2', [
-      {
-        filename: '/images/incr.qcow2',
-        format: 'qcow2',
-        'virtual-size': 1024,
-        'actual-size': 512,
-        'backing-filename': 'full.qcow2',
-        'full-backing-filename': '/images/full.qcow2',
-        'backing-filename-format': 'qcow2',
-        'dirty-flag': false,
-        'format-specific': { type: 'qcow2', data: { corrupt: false } },
-      },
-      {
-        filename: '/images/full.qcow2',
-        format: 'qcow2',
-        'virtual-size': 1024,
-        'backing-filename': 'base.raw',
-      },
-      { filename: '/images/base.raw', format: 'raw', 'virtual-size': 1024 },
-    ]);
-    expect(info).toEqual({
-      format: 'qcow2',
-      virtualSize: 1024,
-      actualSize: 512,
-      backingChain: ['/images/full.qcow2', '/images/base.raw'],
-      backingFormat: 'qcow2',
-      corrupt: false,
-      dirty: false,
-    });
-  });
-
-  it('rejects output without format or size', async () => {
-    await expect(parseInfoChain('/x', [{}])).rejects.toThrow(TypeError);
-  });
-});
-
 describe('parseProcLocks', () => {
   it('reads holders and skips waiters', () => {
     const locks = parseProcLocks(
@@ -111,78 +72,18 @@ describe('parseProcLocks', () => {
 });
 
 describe('probeImageLock', () => {
-  it('answers from the lock table alone when nobody holds the write byte', async () => {
+  it('answers from the lock table alone, running no program', async () => {
     const image = join(dir, 'a.qcow2');
     await writeFile(image, '');
     const { run, calls } = fakeRunner(() => Promise.resolve({ exitCode: 0, stdout: '{}' }));
-    const qemuImg = createQemuImg({ run, procLocksPath: await procLocksFile(image, [100, 201]) });
-    expect(await qemuImg.probeImageLock(image)).toEqual({ locked: false });
-    expect(calls).toEqual([]);
-  });
-
-  it("reports qemu's own message for a held qcow2", async () => {
-    const image = join(dir, 'a.qcow2');
-    await writeFile(image, '');
-    const stderr = `qemu-img: Could not open '${image}': Failed to get shared "write" lock\nIs another process using the image [${image}]?\n`;
-    const { run, calls } = fakeRunner(() => Promise.resolve({ exitCode: 1, stderr }));
-    const qemuImg = createQemuImg({ run, procLocksPath: await procLocksFile(image, [100, 101, 201]) });
-    expect(await qemuImg.probeImageLock(image)).toEqual({
-      locked: true,
-      message: `Could not open '${image}': Failed to get shared "write" lock Is another process using the image [${image}]?`,
-    });
-    expect(calls[0]?.args).toEqual(['info', '--output=json', image]);
-  });
-
-  it('reports a raw writer that qemu-img does not complain about', async () => {
-    const image = join(dir, 'a.raw');
-    await writeFile(image, '');
-    const { run } = fakeRunner(() => Promise.resolve({ exitCode: 0, stdout: '{}' }));
-    const qemuImg = createQemuImg({ run, procLocksPath: await procLocksFile(image, [100, 101, 203]) });
-    const probe = await qemuImg.probeImageLock(image);
-    expect(probe).toMatchObject({
+    const free = createQemuImg({ run, procLocksPath: await procLocksFile(image, [100, 201]) });
+    expect(await free.probeImageLock(image)).toEqual({ locked: false });
+    const held = createQemuImg({ run, procLocksPath: await procLocksFile(image, [100, 101, 201]) });
+    expect(await held.probeImageLock(image)).toMatchObject({
       locked: true,
       message: expect.stringMatching(/open for writing/) as unknown,
     });
-  });
-
-  it('falls back to qemu-img when there is no lock table', async () => {
-    const image = join(dir, 'a.raw');
-    await writeFile(image, '');
-    const { run, calls } = fakeRunner(() => Promise.resolve({ exitCode: 0, stdout: '{}' }));
-    const qemuImg = createQemuImg({ run, procLocksPath: join(dir, 'no-proc-locks') });
-    expect(await qemuImg.probeImageLock(image)).toEqual({ locked: false });
-    expect(calls).toHaveLength(1);
-  });
-});
-
-describe('inspectImage', () => {
-  it('passes -U and -f raw, and wraps failures with command, exit code and stderr', async () => {
-    const image = join(dir, 'disk.raw');
-    await writeFile(image, Buffer.alloc(4096));
-    const { run, calls } = fakeRunner(() =>
-      Promise.resolve({ exitCode: 1, stderr: "qemu-img: Could not open 'disk.raw': Permission denied\n" }),
-    );
-    const error = await createQemuImg({ run })
-      .inspectImage(image, { forceShare: true, format: 'raw' })
-      .catch((e: unknown) => e);
-    expect(calls[0]?.args).toEqual(['info', '--output=json', '--backing-chain', '-U', '-f', 'raw', image]);
-    expect(error).toBeInstanceOf(QemuCommandError);
-    expect(error).toMatchObject({
-      command: 'qemu-img',
-      exitCode: 1,
-      stderr: expect.stringMatching(/Permission/) as unknown,
-    });
-  });
-
-  it('lets qemu-img detect the format when a "raw" file starts with a QCOW2 header', async () => {
-    const image = join(dir, 'disk.raw');
-    await writeFile(image, Buffer.concat([Buffer.from('QFI\xfb', 'latin1'), Buffer.alloc(100)]));
-    const { run, calls } = fakeRunner(() =>
-      Promise.resolve({ exitCode: 0, stdout: JSON.stringify([{ format: 'qcow2', 'virtual-size': 8 }]) }),
-    );
-    const info = await createQemuImg({ run }).inspectImage(image, { format: 'raw' });
-    expect(info.format).toBe('qcow2');
-    expect(calls[0]?.args).not.toContain('-f');
+    expect(calls).toEqual([]);
   });
 });
 
@@ -190,31 +91,35 @@ describe('createImage', () => {
   it('creates under a temporary name, links, and cleans up', async () => {
     const path = join(dir, 'incr.qcow2');
     const { run, calls } = fakeRunner(async ({ args }) => {
-      if (args[0] === 'info')
-        return { exitCode: 0, stdout: JSON.stringify([{ format: 'qcow2', 'virtual-size': 8 }]) };
-      await writeFile(args.at(-1) ?? '', 'image');
+      await writeFile(args.at(-2) ?? '', 'image');
       return { exitCode: 0 };
     });
     await createQemuImg({ run }).createImage({
       path,
       format: 'qcow2',
       backingFile: '/images/full.qcow2',
+      backingFormat: 'qcow2',
+      sizeBytes: 8,
       preallocation: 'metadata',
     });
-    const create = calls.find((c) => c.args[0] === 'create');
-    const temporary = create?.args.at(-1) ?? '';
-    expect(create?.args.slice(0, -1)).toEqual([
+    // One run of qemu-img, and it never opens the backing file (-u).
+    expect(calls.map((c) => c.args[0])).toEqual(['create']);
+    const create = calls[0];
+    const temporary = create?.args.at(-2) ?? '';
+    expect(create?.args.slice(0, -2)).toEqual([
       'create',
       '-q',
       '-f',
       'qcow2',
       '-o',
       'preallocation=metadata',
+      '-u',
       '-b',
       '/images/full.qcow2',
       '-F',
       'qcow2',
     ]);
+    expect(create?.args.at(-1)).toBe('8');
     expect(temporary.startsWith(join(dir, '.incr.qcow2.nbdx-tmp-'))).toBe(true);
     expect(await readdir(dir)).toEqual(['incr.qcow2']);
   });
@@ -251,6 +156,9 @@ describe('createImage', () => {
     await expect(qemuImg.createImage({ path: '/a.raw', format: 'raw', backingFile: '/b' })).rejects.toThrow(
       /qcow2/,
     );
+    await expect(
+      qemuImg.createImage({ path: '/a.qcow2', format: 'qcow2', backingFile: '/b', sizeBytes: 1 }),
+    ).rejects.toThrow(/backingFormat/);
   });
 });
 

@@ -21,6 +21,8 @@ const policy: NodePolicy = {
   nbdServerPort: 10809,
   qemuPort: 10810,
   rawServer: 'nbd-server',
+  maxBackingDepth: 16,
+  allowRawOverForeignHeader: false,
 };
 
 const QCOW = '/var/lib/nbd-exports/vm-1/full.qcow2';
@@ -176,7 +178,7 @@ describe('planExport: converging', () => {
     expect(ready(plan)?.status).toBe('False');
   });
 
-  it('incremental: takes the backing format from the backing image and leaves the size to it', () => {
+  it('incremental: takes the backing format and size from our reading of the backing image', () => {
     const backing = '/var/lib/nbd-exports/vm-1/base.qcow2';
     const plan = planExport({
       resource: resource({
@@ -213,6 +215,7 @@ describe('planExport: converging', () => {
       format: 'qcow2',
       backingFile: backing,
       backingFormat: 'qcow2',
+      sizeBytes: GiB,
     });
   });
 
