@@ -17,6 +17,12 @@ export interface ExportConfig {
   maxConnections: number;
   /** Validated CIDRs; empty allows every client. */
   allowedClients: string[];
+  /**
+   * qcow2: the backing chain as the controller read and checked it, nearest first. The
+   * server opens exactly these files (never a name from an image's header), and the chain
+   * ends where this list ends.
+   */
+  backing?: { path: string; format: ImageFormat }[];
 }
 
 /**
@@ -34,6 +40,7 @@ export function fingerprintOf(config: ExportConfig): string {
     config.readOnly,
     config.maxConnections,
     [...config.allowedClients].sort(),
+    ...(config.backing && config.backing.length > 0 ? [config.backing] : []),
   ]);
   return createHash('sha256').update(canonical).digest('hex').slice(0, 16);
 }

@@ -167,6 +167,8 @@ export interface ImageChainSummary {
   actualSize: number;
   /** Real paths of the backing images, nearest first. */
   backingChain: string[];
+  /** The format each of them is opened as, in the same order. */
+  backingFormats: DetectedImageFormat[];
   backingFormat?: string;
   corrupt?: boolean;
   dirty?: boolean;
@@ -278,6 +280,7 @@ export function summarizeImageChain(inspection: {
     virtualSize: header ? header.virtualSize : top.file.size,
     actualSize: top.file.allocatedBytes,
     backingChain: backing.map((image) => image.realPath),
+    backingFormats: backing.map((image) => image.openAs),
     ...(header?.backingFormat !== undefined ? { backingFormat: header.backingFormat } : {}),
     ...(header ? { corrupt: header.incompatible.corrupt, dirty: header.incompatible.dirty } : {}),
   };

@@ -24,6 +24,8 @@ export interface ImageInfo {
   actualSize: number;
   /** Real paths of the backing images, nearest first. */
   backingChain: string[];
+  /** The format each backing image is opened as, in the same order (absent: not known). */
+  backingFormats?: string[];
   corrupt?: boolean;
 }
 

@@ -202,6 +202,7 @@ function planNextStep({ resource, desired, observed, policy }: PlanInput): Expor
     readOnly: spec.readOnly ?? false,
     maxConnections: spec.maxConnections ?? 1,
     allowedClients: allowListFor(spec, policy),
+    ...(format === 'qcow2' && info.backingChain.length > 0 ? { backing: backingOf(info) } : {}),
   };
   const serving = planServing(config, observed, info.virtualSize);
   return {
@@ -537,6 +538,14 @@ function retireAndCut(observed: ObservedExport): Action[] {
   if (owned.served !== undefined) return [{ kind: 'applyNbdServer' }];
   // No longer configured nor served by the current parent: children forked before still serve.
   return [{ kind: 'disconnectNbdServerClients', exportName }, { kind: 'releaseExport' }];
+}
+
+/** The checked chain, handed to the server whole so that it opens nothing a header names. */
+function backingOf(info: ImageInfo): NonNullable<ExportConfig['backing']> {
+  return info.backingChain.map((path, i) => ({
+    path,
+    format: info.backingFormats?.[i] === 'raw' ? 'raw' : 'qcow2',
+  }));
 }
 
 /** Whether a probe result may stand, or the export must be probed again. */

@@ -173,10 +173,19 @@ describe('QemuStorageDaemon', () => {
     const incremental = join(dir, 'incr.qcow2');
     await createImage({ path: base, format: 'qcow2', sizeBytes: 8 * MiB });
     run('qemu-io', ['-f', 'qcow2', '-c', `write -P 0xaa 0 ${8 * MiB}`, base]);
-    await createImage({ path: incremental, format: 'qcow2', backingFile: base });
+    await createImage({
+      path: incremental,
+      format: 'qcow2',
+      backingFile: base,
+      backingFormat: 'qcow2',
+      sizeBytes: 8 * MiB,
+    });
     run('qemu-io', ['-f', 'qcow2', '-c', `write -P 0x55 ${MiB} ${MiB}`, incremental]);
 
-    await daemon.addExport(config('incr', incremental, { readOnly: true }));
+    // The chain is handed over whole: the daemon opens the backing file it is given.
+    await daemon.addExport(
+      config('incr', incremental, { readOnly: true, backing: [{ path: base, format: 'qcow2' }] }),
+    );
     expect(run('nbdinfo', ['--size', uri('incr')]).trim()).toBe(String(8 * MiB));
     const out = join(dir, 'incr.out');
     await runAsync('nbdcopy', [uri('incr'), out]);
@@ -184,6 +193,20 @@ describe('QemuStorageDaemon', () => {
     expected.fill(0x55, MiB, 2 * MiB);
     expect((await readFile(out)).equals(expected)).toBe(true);
     await daemon.removeExport('incr', { force: false });
+    expect((await daemon.blockNodes()).filter((n) => n.includes('-b'))).toEqual([]);
+  });
+
+  it('opens nothing an image header names: a backing name it is not given is not followed', async () => {
+    const secret = join(dir, 'secret.raw');
+    await writeFile(secret, Buffer.alloc(MiB, 0x5e));
+    const hostile = join(dir, 'hostile.qcow2');
+    run('qemu-img', ['create', '-q', '-f', 'qcow2', '-u', '-b', secret, '-F', 'raw', hostile, String(MiB)]);
+    await daemon.addExport(config('hostile', hostile, { readOnly: true }));
+    const out = join(dir, 'hostile.out');
+    await runAsync('nbdcopy', [uri('hostile'), out]);
+    // Served without a backing file: unallocated clusters read as zeros, never the named file.
+    expect((await readFile(out)).equals(Buffer.alloc(MiB, 0))).toBe(true);
+    await daemon.removeExport('hostile', { force: false });
   });
 
   it('adds and removes other exports while a client transfers on one', async () => {

@@ -17,7 +17,21 @@ export interface ExportIds {
   /** block-export id. */
   id: string;
   /** The file (protocol) node and the format node on top of it. */
-  nodeNames: { file: string; format: string };
+  nodeNames: {
+    file: string;
+    format: string;
+    /** The same pair for each backing image, nearest first (absent in records of older versions). */
+    backing?: { file: string; format: string }[];
+  };
+}
+
+/** Every block node of an export, in an order QEMU lets them be deleted (users before what they use). */
+export function nodesToDelete(ids: ExportIds): string[] {
+  return [
+    ids.nodeNames.format,
+    ids.nodeNames.file,
+    ...(ids.nodeNames.backing ?? []).flatMap((b) => [b.format, b.file]),
+  ];
 }
 
 export interface ExportRecord extends ExportIds {
@@ -37,10 +51,18 @@ interface StateFile {
  * finds them again), distinct for a changed config (remove and add never collide), and at
  * most 27 characters (QEMU node names are limited to 31).
  */
-export function exportIdsOf(exportName: string, fingerprint: string): ExportIds {
+export function exportIdsOf(exportName: string, fingerprint: string, backingDepth = 0): ExportIds {
   const digest = createHash('sha256').update(`${exportName}\0${fingerprint}`).digest('hex').slice(0, 20);
   const id = `${ID_PREFIX}${digest}`;
-  return { id, nodeNames: { file: `${id}-f`, format: `${id}-d` } };
+  // `-b<i>f` / `-b<i>d`: at most 30 characters for a depth below 100.
+  const backing = Array.from({ length: backingDepth }, (_, i) => ({
+    file: `${id}-b${i}f`,
+    format: `${id}-b${i}d`,
+  }));
+  return {
+    id,
+    nodeNames: { file: `${id}-f`, format: `${id}-d`, ...(backingDepth > 0 ? { backing } : {}) },
+  };
 }
 
 export async function readExportState(path: string): Promise<Map<string, ExportRecord>> {

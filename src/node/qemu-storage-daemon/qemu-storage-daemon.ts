@@ -18,6 +18,7 @@ import { holdsQemuWriteLock } from '../qemu-img.js';
 import { ExportBusyError, ImageLockedError } from './errors.js';
 import {
   exportIdsOf,
+  nodesToDelete,
   ID_PREFIX,
   readExportState,
   writeExportState,
@@ -175,28 +176,55 @@ export class QemuStorageDaemon {
           'another process holds QEMU\'s "write" permission lock (OFD lock on byte 101 in /proc/locks)',
         );
 
-      const ids = exportIdsOf(name, fingerprint);
+      const backing = config.backing ?? [];
+      const ids = exportIdsOf(name, fingerprint, backing.length);
       await this.#deleteNodes(qmp, ids, log); // leftovers of an interrupted attempt
       this.#records.set(name, { ...ids, fingerprint, config, state: 'adding' });
       await this.#persist();
       const added: string[] = [];
+      const addNode = async (args: Record<string, unknown>) => {
+        await this.#execute(qmp, 'blockdev-add', args);
+        added.unshift(String(args['node-name']));
+      };
       try {
-        await this.#execute(qmp, 'blockdev-add', {
+        // The whole graph is ours: each backing image the controller checked is a node of its
+        // own, deepest first, and every qcow2 node names its backing node (or none), so QEMU
+        // opens no file, URL or json: name written in an image's header.
+        const backingNodes = ids.nodeNames.backing ?? [];
+        for (let i = backing.length - 1; i >= 0; i--) {
+          const image = backing[i];
+          const nodes = backingNodes[i];
+          if (!image || !nodes) continue;
+          await addNode({
+            driver: 'file',
+            'node-name': nodes.file,
+            filename: image.path,
+            locking: 'on',
+            'read-only': true,
+          });
+          await addNode({
+            driver: image.format,
+            'node-name': nodes.format,
+            file: nodes.file,
+            'read-only': true,
+            ...(image.format === 'qcow2' ? { backing: backingNodes[i + 1]?.format ?? null } : {}),
+          });
+        }
+        await addNode({
           driver: config.blockDevice ? 'host_device' : 'file',
           'node-name': ids.nodeNames.file,
           filename: config.path,
           locking: 'on',
           'read-only': config.readOnly,
         });
-        added.push(ids.nodeNames.file);
         // The format node takes the image's permissions, so this is where a foreign lock shows.
-        await this.#execute(qmp, 'blockdev-add', {
+        await addNode({
           driver: config.format,
           'node-name': ids.nodeNames.format,
           file: ids.nodeNames.file,
           'read-only': config.readOnly,
+          ...(config.format === 'qcow2' ? { backing: backingNodes[0]?.format ?? null } : {}),
         });
-        added.unshift(ids.nodeNames.format);
         await this.#execute(qmp, 'block-export-add', {
           type: 'nbd',
           id: ids.id,
@@ -443,12 +471,12 @@ export class QemuStorageDaemon {
       this.#logger.warn({ id }, 'removing an export of ours that no record names');
       await this.#deleteExport(qmp, id, true);
     }
-    const used = new Set([...this.#records.values()].flatMap((r) => [r.nodeNames.file, r.nodeNames.format]));
+    const used = new Set([...this.#records.values()].flatMap((r) => nodesToDelete(r)));
     const stale = (await this.#nodeNames(qmp)).filter(
       (node) => node.startsWith(ID_PREFIX) && !used.has(node),
     );
-    // Format nodes (-d) before the file nodes (-f) under them.
-    const ordered = [...stale.filter((n) => n.endsWith('-d')), ...stale.filter((n) => !n.endsWith('-d'))];
+    // Users before what they use: the top format node, its file node, then each backing pair.
+    const ordered = stale.sort((a, b) => deletionRank(a) - deletionRank(b));
     for (const node of ordered) {
       this.#logger.warn({ node }, 'deleting an unused block node of ours');
       await this.#execute(qmp, 'blockdev-del', { 'node-name': node }).catch((error: unknown) =>
@@ -497,7 +525,7 @@ export class QemuStorageDaemon {
 
   async #deleteNodes(qmp: QmpClient, ids: ExportIds, log: Logger): Promise<void> {
     const present = new Set(await this.#nodeNames(qmp));
-    for (const node of [ids.nodeNames.format, ids.nodeNames.file]) {
+    for (const node of nodesToDelete(ids)) {
       if (!present.has(node)) continue;
       await this.#execute(qmp, 'blockdev-del', { 'node-name': node });
       log.debug({ node }, 'block node deleted');
@@ -558,4 +586,11 @@ function checkConfig(config: ExportConfig): void {
 /** A value inside a QEMU `key=value,...` option: commas are doubled. */
 function qemuOptionValue(value: string): string {
   return value.replaceAll(',', ',,');
+}
+
+/** Where a node of ours stands in deletion order: `-d`, `-f`, then `-b<i>d`, `-b<i>f` by depth. */
+function deletionRank(node: string): number {
+  const backing = /-b(\d+)([df])$/.exec(node);
+  if (backing) return 2 + 2 * Number(backing[1]) + (backing[2] === 'd' ? 0 : 1);
+  return node.endsWith('-d') ? 0 : 1;
 }

@@ -99,6 +99,7 @@ describe('judgeImageChain accepts benign chains and summarises them like qemu-im
         virtualSize: 1 << 30,
         actualSize: 8192,
         backingChain: ['/data/full.qcow2', '/data/base.raw'],
+        backingFormats: ['qcow2', 'raw'],
         backingFormat: 'qcow2',
         corrupt: false,
         dirty: false,
