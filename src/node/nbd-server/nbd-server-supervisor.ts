@@ -68,6 +68,8 @@ export interface NbdServerSupervisorOptions {
   watchdogIntervalMs?: number;
   /** How long a new parent may take to listen. Default 15000 ms. */
   startTimeoutMs?: number;
+  /** How long a client may take over its NBD handshake. Default HANDSHAKE_TIMEOUT_MS (30 s). */
+  handshakeTimeoutMs?: number;
 }
 
 export interface NbdServerStatus {
@@ -80,12 +82,20 @@ export interface NbdServerStatus {
   lastError: string | null;
   /** `nbd-server -V`, e.g. "3.24"; null when unknown. */
   version: string | null;
+  /** Clients cut before they chose an export: at a hand-over, or past the handshake timeout. */
+  handshakesCut: number;
 }
 
 type AppliedListener = (changedExportNames: string[]) => void;
 
 const LOG_LIMIT = 1 << 20;
 const CHILD_GRACE_MS = 3_000;
+/**
+ * How long a client may take over its NBD handshake before it is cut. nbd-server 3.24 has no
+ * such deadline; a real client negotiates in milliseconds, and the cap bounds how long one
+ * idle connection holds a process (and the listening socket) of the node.
+ */
+export const HANDSHAKE_TIMEOUT_MS = 30_000;
 /** Retrying a failed start: 1 s, doubling, at most 30 s; exact (one supervisor per node, nothing to spread). */
 const RESTART_BACKOFF = { baseMs: 1_000, maxMs: 30_000, jitter: 0 };
 
@@ -104,6 +114,7 @@ export class NbdServerSupervisor {
   readonly #scheduler: ApplyScheduler;
   readonly #watchdogIntervalMs: number;
   readonly #startTimeoutMs: number;
+  readonly #handshakeTimeoutMs: number;
   readonly #listeners = new Set<AppliedListener>();
   #pid: number | null = null;
   #record: LoadedRecord = EMPTY_RECORD;
@@ -112,6 +123,9 @@ export class NbdServerSupervisor {
   #lastRestartAt: Date | null = null;
   #lastError: string | null = null;
   #version: string | null = null;
+  #handshakesCut = 0;
+  /** Children seen negotiating (holding the listening socket), with when they were first seen. */
+  readonly #negotiatingSince = new Map<number, number>();
   #failures = 0;
   #retryAt = 0;
   #watchdog: NodeJS.Timeout | undefined;
@@ -137,6 +151,7 @@ export class NbdServerSupervisor {
     this.#log = options.logger.child({ component: 'nbd-server' });
     this.#watchdogIntervalMs = options.watchdogIntervalMs ?? 1_000;
     this.#startTimeoutMs = options.startTimeoutMs ?? 15_000;
+    this.#handshakeTimeoutMs = options.handshakeTimeoutMs ?? HANDSHAKE_TIMEOUT_MS;
     // Validates port, address and accounts now: a bad option is a TypeError at construction.
     this.#baseConfig = renderBaseConfig({
       port: this.port,
@@ -338,6 +353,7 @@ export class NbdServerSupervisor {
       lastRestartAt: this.#lastRestartAt,
       lastError: this.#lastError,
       version: this.#version,
+      handshakesCut: this.#handshakesCut,
     };
   }
 
@@ -638,6 +654,12 @@ export class NbdServerSupervisor {
       what: `nbd-server parent ${pid} to exit after SIGKILL`,
     });
     const exitedAt = performance.now();
+    // nbd-server forks a child per connection before negotiation, and the child closes the
+    // listening socket only once its client has chosen an export. An idle, slow or half-open
+    // client would keep the port from the next parent for as long as it likes. Such a client
+    // has no export yet: cutting it costs it one connect, the same as a refused one.
+    const cut = await this.#cutNegotiatingChildren(sockets);
+    if (cut > 0) this.#log.info({ pid, clients: cut }, 'cut clients still negotiating at the hand-over');
     const heldOpen = await anyStillListening(sockets, this.port);
     if (heldOpen) {
       // Not an error when it lasts: the new parent's bind then fails, and the launch is retried.
@@ -650,6 +672,60 @@ export class NbdServerSupervisor {
         { pid, ms: Math.round(performance.now() - exitedAt) },
         'the listening socket outlived the parent (a child forked an instant before held it)',
       );
+    }
+  }
+
+  /**
+   * Kills the children that still hold one of these listening sockets: clients that have
+   * not finished negotiating (a negotiated child has closed it). Returns how many.
+   */
+  async #cutNegotiatingChildren(sockets: ReadonlySet<string>): Promise<number> {
+    if (sockets.size === 0) return 0;
+    let cut = 0;
+    for (const child of await listServerProcesses(this.configPath)) {
+      const held = await listeningSocketsOf(child.pid, this.port);
+      if (![...held].some((inode) => sockets.has(inode))) continue;
+      try {
+        process.kill(child.pid, 'SIGKILL');
+        cut++;
+        this.#handshakesCut++;
+      } catch {
+        // Gone meanwhile.
+      }
+    }
+    return cut;
+  }
+
+  /**
+   * The handshake deadline nbd-server 3.24 lacks: a child still negotiating (holding the
+   * listening socket) after the handshake timeout is cut, so idle connections cannot pile up
+   * one process each. Checked by the watchdog; a client is seen at its first check.
+   */
+  async #reapStalledHandshakes(): Promise<void> {
+    if (this.#pid === null) return;
+    const sockets = await listeningSocketsOf(this.#pid, this.port);
+    if (sockets.size === 0) return;
+    const now = performance.now();
+    const negotiating = new Set<number>();
+    for (const child of await listServerProcesses(this.configPath)) {
+      if (child.pid === this.#pid) continue;
+      const held = await listeningSocketsOf(child.pid, this.port);
+      if ([...held].some((inode) => sockets.has(inode))) negotiating.add(child.pid);
+    }
+    for (const pid of this.#negotiatingSince.keys())
+      if (!negotiating.has(pid)) this.#negotiatingSince.delete(pid);
+    for (const pid of negotiating) {
+      const since = this.#negotiatingSince.get(pid) ?? now;
+      this.#negotiatingSince.set(pid, since);
+      if (now - since < this.#handshakeTimeoutMs) continue;
+      try {
+        process.kill(pid, 'SIGKILL');
+        this.#handshakesCut++;
+        this.#log.info({ pid }, 'cut a client that did not finish its NBD handshake in time');
+      } catch {
+        // Gone meanwhile.
+      }
+      this.#negotiatingSince.delete(pid);
     }
   }
 
@@ -676,6 +752,9 @@ export class NbdServerSupervisor {
   /** The watchdog: restarts a parent that died, and retries a failed start with backoff. */
   #watch(): void {
     if (this.#stopped || this.#scheduler.busy) return;
+    this.#reapStalledHandshakes().catch((error: unknown) =>
+      this.#log.warn({ error: String(error) }, 'could not check for stalled handshakes'),
+    );
     if (this.#pid !== null && !this.#alive()) {
       const pid = this.#pid;
       this.#lastError = `nbd-server parent ${pid} died (killed, or crashed: it logs to syslog)`;
