@@ -352,11 +352,17 @@ function judgeRaw(
     );
   }
   if (file.size <= 0)
-    return refuse(
-      Reason.ImageInvalid,
-      'virtual-size',
-      `${role} ${path} is empty (0 bytes); there is nothing to serve`,
-    );
+    return file.type === 'block-device'
+      ? refuse(
+          Reason.ImageNotFound,
+          'virtual-size',
+          `block device ${path} has no medium: its size is 0 (a detached loop device, a reset zram device); it is served again once it has one`,
+        )
+      : refuse(
+          Reason.ImageInvalid,
+          'virtual-size',
+          `${role} ${path} is empty (0 bytes); there is nothing to serve`,
+        );
   if (!Number.isSafeInteger(file.size))
     return refuse(Reason.ImageInvalid, 'virtual-size', `${role} ${path} is larger than 2^53 - 1 bytes`);
   return undefined;

@@ -153,7 +153,9 @@ function planNextStep({ resource, desired, observed, policy }: PlanInput): Expor
       ...notReady(Reason.ImageInvalid, `${specPath} cannot be read as an image: ${image.message}`),
       fields,
     };
-  if (image.kind === 'refused') return { ...notReady(image.reason, image.message), fields };
+  // Looked at again now and then: a device gets its medium back, a stray hard link goes.
+  if (image.kind === 'refused')
+    return { ...notReady(image.reason, image.message), fields, requeueAfterMs: RECHECK_FILESYSTEM_MS };
 
   const info = image.info;
   const imageFields: StatusFields = {
@@ -164,15 +166,7 @@ function planNextStep({ resource, desired, observed, policy }: PlanInput): Expor
   };
   const imageProblem = checkImage(info, format, isDevice, specPath, policy);
   if (imageProblem) return { ...notReady(imageProblem.reason, imageProblem.message), fields: imageFields };
-  if (isDevice && info.virtualSize === 0)
-    return {
-      ...notReady(
-        Reason.ImageNotFound,
-        `block device ${specPath} (${path.realPath}) has no medium: its size is 0 (a detached loop device, a reset zram device); it is served again once it has one`,
-      ),
-      fields: imageFields,
-      requeueAfterMs: RECHECK_FILESYSTEM_MS,
-    };
+
   const backingWriter = writerOfBacking(info.backingChain, observed);
   if (backingWriter) return { ...backingWriter, fields: imageFields };
   if (observed.lock?.locked)

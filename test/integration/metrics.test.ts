@@ -103,7 +103,7 @@ describe('/metrics on a plain host', () => {
     const reconciles = samplesOf(exposition, 'nbdx_reconcile_duration_seconds_count');
     expect(reconciles.reduce((sum, s) => sum + s.value, 0)).toBeGreaterThan(0);
     expect(
-      valueOf(exposition, 'nbdx_reconcile_duration_seconds_count', { result: 'success' }),
+      valueOf(exposition, 'nbdx_reconcile_duration_seconds_count', { result: 'requeue' }),
     ).toBeGreaterThan(0);
     for (const server of ['nbd-server', 'qemu-storage-daemon']) {
       expect(
