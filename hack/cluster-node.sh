@@ -127,6 +127,7 @@ serializeImagePulls: false
 nodeStatusUpdateFrequency: 4s
 syncFrequency: 10s
 fileCheckFrequency: 10s
+podLogsDir: $NODE_STATE/pod-logs
 EOF
 }
 
@@ -203,8 +204,7 @@ node_up() {
     --leader-elect=false \
     --root-ca-file="$PKI_DIR/ca.crt" \
     --service-account-private-key-file="$PKI_DIR/sa.key" \
-    --use-service-account-credentials=false \
-    --controllers='*,-nodeipam,-service-lb-controller,-cloud-node-lifecycle,-persistentvolume-binder,-attachdetach,-persistentvolume-expander,-ephemeral-volume,-pv-protection,-pvc-protection'
+    --use-service-account-credentials=false
   start kube-scheduler "${kubeconfig_args[@]}" \
     --bind-address=127.0.0.1 --secure-port="$SCHEDULER_PORT" --leader-elect=false
   start kubelet \
@@ -213,8 +213,7 @@ node_up() {
     --root-dir="$NODE_STATE/kubelet/root" \
     --cert-dir="$NODE_STATE/kubelet/pki" \
     --hostname-override="$NODE_NAME" \
-    --node-ip=127.0.0.1 \
-    --pod-infra-container-image="$PAUSE_IMAGE"
+    --node-ip=127.0.0.1
   wait_for "node $NODE_NAME did not become Ready" "kubelet containerd kube-controller-manager" node_ready
   # Pods that name no ServiceAccount need the namespace's "default" one, which the controller
   # manager creates.
@@ -250,6 +249,11 @@ node_down() {
       umount -l "$mount" 2>/dev/null || true
     done < <(awk -v root="$NODE_STATE/" 'index($5, root) == 1 { print $5 }' /proc/self/mountinfo | sort -r)
     rm -rf --one-file-system "$NODE_STATE"
+    # The kubelet links each container's log into /var/log/containers (a fixed path).
+    local link
+    for link in /var/log/containers/*.log; do
+      [[ -L $link && $(readlink "$link") == "$NODE_STATE/"* ]] && rm -f "$link"
+    done
   fi
   node_remove_cgroups kubepods
   node_remove_service_route

@@ -6,7 +6,8 @@
 #      (`npm ci --omit=dev`, from package-lock.json) in a staging directory;
 #   2. the root file system, by mmdebstrap from Debian bookworm's packages: the `essential`
 #      set (dpkg, bash, coreutils, …) plus nbd-server, qemu-utils (qemu-img),
-#      qemu-system-common (qemu-storage-daemon) and libnbd-bin (nbdinfo, nbdcopy), without
+#      qemu-system-common (qemu-storage-daemon), libnbd-bin (nbdinfo, nbdcopy) and
+#      ca-certificates (as Containerfile), without
 #      recommends, documentation, manual pages or translations; the staging directory
 #      becomes /app (the pinned Node 24 runtime, dist/, bin/, node_modules/, package.json);
 #   3. that file system as the one layer of an OCI image (config, manifest, index written
@@ -54,7 +55,7 @@ fi
 SOURCE_DATE_EPOCH="$(git log -1 --format=%ct 2>/dev/null || echo 0)"
 export SOURCE_DATE_EPOCH
 
-packages=(nbd-server qemu-utils qemu-system-common libnbd-bin)
+packages=(nbd-server qemu-utils qemu-system-common libnbd-bin ca-certificates)
 archive="$IMAGE_DIR/nbd-export-controller-$version.oci.tar"
 work="$IMAGE_DIR/work"
 started=$SECONDS
@@ -87,6 +88,7 @@ nice -n 10 mmdebstrap --quiet --mode=root --variant=essential --format=tar \
   --dpkgopt='path-exclude=/usr/share/locale/*' \
   --dpkgopt='path-exclude=/usr/share/lintian/*' \
   --customize-hook='chroot "$1" dpkg-query -W -f "\${Package} \${Version}\n" >"$1/debian-packages.txt"' \
+  --customize-hook='mkdir "$1/app"' \
   --customize-hook="sync-in $work/app /app" \
   --customize-hook='mv "$1/debian-packages.txt" "$1/app/debian-packages.txt"' \
   --customize-hook='rm -rf "$1"/var/cache/* "$1"/var/log/* "$1"/usr/share/qemu/*.rom "$1"/usr/share/qemu/*.bin "$1"/usr/share/qemu/*.img "$1"/usr/share/qemu/*.fd' \
