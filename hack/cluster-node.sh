@@ -198,6 +198,7 @@ node_up() {
   log "containerd holds $image_name and $PAUSE_IMAGE"
 
   node_service_route
+  node_save_sysctls
   local kubeconfig_args=(--kubeconfig="$KUBECONFIG_FILE")
   start kube-controller-manager "${kubeconfig_args[@]}" \
     --bind-address=127.0.0.1 --secure-port="$CONTROLLER_MANAGER_PORT" \
@@ -223,8 +224,10 @@ node_up() {
 
 # Stops the node's pods' containers, the kubelet, containerd and the controllers; then removes
 # what the node left on the host: mounts under $NODE_STATE, the servers the DaemonSet left in
-# their cgroup, kubelet's cgroups, the service route. Safe to run when nothing runs.
+# their cgroup, kubelet's cgroups, the service route. Safe to run when nothing runs; does
+# nothing for a control plane that never had a node (its `down` must not touch another's).
 node_down() {
+  [[ -d $NODE_STATE ]] || return 0
   stop kubelet
   stop kube-scheduler
   stop kube-controller-manager
@@ -241,22 +244,37 @@ node_down() {
   # containerd's shims outlive it; each ends when its container's task is gone.
   pkill_shims
   node_stop_servers
-  if [[ -d $NODE_STATE ]]; then
-    # Pod volumes (tmpfs for tokens), container root file systems and sandboxes' /dev/shm are
-    # mounted under $NODE_STATE: unmount, deepest first, before anything there is removed.
-    local mount
-    while read -r mount; do
-      umount -l "$mount" 2>/dev/null || true
-    done < <(awk -v root="$NODE_STATE/" 'index($5, root) == 1 { print $5 }' /proc/self/mountinfo | sort -r)
-    rm -rf --one-file-system "$NODE_STATE"
-    # The kubelet links each container's log into /var/log/containers (a fixed path).
-    local link
-    for link in /var/log/containers/*.log; do
-      [[ -L $link && $(readlink "$link") == "$NODE_STATE/"* ]] && rm -f "$link"
-    done
-  fi
+  node_restore_sysctls
+  # Pod volumes (tmpfs for tokens), container root file systems and sandboxes' /dev/shm are
+  # mounted under $NODE_STATE: unmount, deepest first, before anything there is removed.
+  local mount link
+  while read -r mount; do
+    umount -l "$mount" 2>/dev/null || true
+  done < <(awk -v root="$NODE_STATE/" 'index($5, root) == 1 { print $5 }' /proc/self/mountinfo | sort -r)
+  # The kubelet links each container's log into /var/log/containers (a fixed path).
+  for link in /var/log/containers/*.log; do
+    if [[ -L $link && $(readlink "$link") == "$NODE_STATE/"* ]]; then rm -f "$link"; fi
+  done
+  rm -rf --one-file-system "$NODE_STATE"
   node_remove_cgroups kubepods
   node_remove_service_route
+}
+
+# The kubelet sets these kernel settings at start (it cannot be told not to); `down` puts back
+# the values the host had.
+KUBELET_SYSCTLS=(vm/overcommit_memory kernel/panic kernel/panic_on_oops)
+node_save_sysctls() {
+  local key
+  for key in "${KUBELET_SYSCTLS[@]}"; do
+    printf '%s %s\n' "$key" "$(<"/proc/sys/$key")"
+  done >"$NODE_STATE/sysctls.saved"
+}
+node_restore_sysctls() {
+  local key value
+  [[ -f $NODE_STATE/sysctls.saved ]] || return 0
+  while read -r key value; do
+    echo "$value" >"/proc/sys/$key" || true
+  done <"$NODE_STATE/sysctls.saved"
 }
 
 # containerd-shim-runc-v2 processes whose containerd is ours (their -address names our socket).
