@@ -1,17 +1,21 @@
 # Sourced by hack/cluster.sh: the node of `hack/cluster.sh up --with-node`. Beside etcd and
 # kube-apiserver it runs kube-controller-manager, kube-scheduler, and one node, `node-1`: a
-# kubelet on Debian's containerd and runc, on loopback (node address 127.0.0.1), with the
+# kubelet on Debian's containerd and runc, on loopback (the node address $NODE_IP is on lo), with the
 # controller's image (hack/image.sh) and a pause image built here already in containerd, so
-# nothing is pulled. docs/control-plane.md, "The node", tells what each piece is for.
+# nothing is pulled. The node's address ($NODE_IP) is on lo. docs/control-plane.md, "The node", tells what each piece is for.
 #
 # Everything the node writes is under $CLUSTER_DIR/node (containerd's root and state, the
 # kubelet's root directory, the CNI configuration), except what a node has to put on its host:
-# kubelet's cgroups (kubepods), the service address of the "kubernetes" Service on lo with one
+# kubelet's cgroups (kubepods), the node's address and the "kubernetes" Service's on lo with one
 # iptables rule (below), and what pods write to their hostPath volumes. `down` removes all of
 # it but the hostPath contents.
 # shellcheck shell=bash
 
 NODE_NAME="${NODE_NAME:-node-1}"
+# The node's address. The kubelet refuses a loopback address (127.0.0.0/8) as a node IP, so the
+# node gets one of its own on lo (from TEST-NET-2, which no real network uses): traffic to it
+# never leaves the machine. Pods on the host network get it as status.hostIP.
+NODE_IP="${NODE_IP:-198.51.100.10}"
 NODE_STATE="$CLUSTER_DIR/node"
 CONTAINERD_SOCKET="$NODE_STATE/containerd/containerd.sock"
 KUBELET_PORT="${KUBELET_PORT:-10250}"
@@ -72,6 +76,10 @@ state = "$NODE_STATE/containerd/state"
   address = "$CONTAINERD_SOCKET.ttrpc"
 [plugins."io.containerd.grpc.v1.cri"]
   sandbox_image = "$PAUSE_IMAGE"
+  # The kubelet asks for oom_score_adj down to -998 for sandboxes and critical pods; lowering it
+  # needs CAP_SYS_RESOURCE, which a sandboxed machine may withhold even from root (runc then
+  # fails with "can't get final child's PID from pipe"). Keep it no lower than containerd's.
+  restrict_oom_score_adj = true
   [plugins."io.containerd.grpc.v1.cri".containerd]
     snapshotter = "overlayfs"
     default_runtime_name = "runc"
@@ -79,6 +87,7 @@ state = "$NODE_STATE/containerd/state"
       runtime_type = "io.containerd.runc.v2"
       [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
         SystemdCgroup = false
+        Root = "$NODE_STATE/containerd/runc"
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "/usr/lib/cni"
     conf_dir = "$NODE_STATE/cni/net.d"
@@ -104,7 +113,7 @@ EOF
   cat >"$NODE_STATE/kubelet/config.yaml" <<EOF
 apiVersion: kubelet.config.k8s.io/v1beta1
 kind: KubeletConfiguration
-address: 127.0.0.1
+address: $NODE_IP
 port: $KUBELET_PORT
 readOnlyPort: 0
 healthzBindAddress: 127.0.0.1
@@ -136,19 +145,26 @@ EOF
 # address lead to the API server itself: the address on lo, and one rule that redirects its
 # port 443 to the API server's port on loopback (the serving certificate names $SERVICE_IP).
 node_service_route() {
-  ip addr show dev lo | grep -q " $SERVICE_IP/32 " || ip addr add "$SERVICE_IP/32" dev lo
+  lo_has "$NODE_IP" || ip addr add "$NODE_IP/32" dev lo
+  lo_has "$SERVICE_IP" || ip addr add "$SERVICE_IP/32" dev lo
   iptables -t nat -C OUTPUT -d "$SERVICE_IP/32" -p tcp --dport 443 -m comment --comment "$IPTABLES_MARK" \
     -j REDIRECT --to-ports "$APISERVER_PORT" 2>/dev/null ||
     iptables -t nat -A OUTPUT -d "$SERVICE_IP/32" -p tcp --dport 443 -m comment --comment "$IPTABLES_MARK" \
       -j REDIRECT --to-ports "$APISERVER_PORT"
 }
 
+# Whether lo has ADDRESS/32. (Not `ip | grep -q`: with pipefail, grep leaving early can fail it.)
+lo_has() { [[ $(ip -o addr show dev lo 2>/dev/null) == *" $1/32 "* ]]; }
+
 node_remove_service_route() {
   local rule
   while rule="$(iptables -t nat -S OUTPUT 2>/dev/null | grep -F -- "--comment \"$IPTABLES_MARK\"" | head -n1)" && [[ -n $rule ]]; do
     eval "iptables -t nat ${rule/-A /-D }" || break
   done
-  if ip addr show dev lo 2>/dev/null | grep -q " $SERVICE_IP/32 "; then ip addr del "$SERVICE_IP/32" dev lo || true; fi
+  local address
+  for address in "$SERVICE_IP" "$NODE_IP"; do
+    if lo_has "$address"; then ip addr del "$address/32" dev lo || true; fi
+  done
 }
 
 wait_for() { # DESCRIPTION LOGS CHECK... : polls CHECK until it succeeds or READY_TIMEOUT passes
@@ -198,6 +214,7 @@ node_up() {
   log "containerd holds $image_name and $PAUSE_IMAGE"
 
   node_service_route
+  node_share_mounts
   node_save_sysctls
   local kubeconfig_args=(--kubeconfig="$KUBECONFIG_FILE")
   start kube-controller-manager "${kubeconfig_args[@]}" \
@@ -214,12 +231,12 @@ node_up() {
     --root-dir="$NODE_STATE/kubelet/root" \
     --cert-dir="$NODE_STATE/kubelet/pki" \
     --hostname-override="$NODE_NAME" \
-    --node-ip=127.0.0.1
+    --node-ip="$NODE_IP"
   wait_for "node $NODE_NAME did not become Ready" "kubelet containerd kube-controller-manager" node_ready
   # Pods that name no ServiceAccount need the namespace's "default" one, which the controller
   # manager creates.
   wait_for "the default ServiceAccount did not appear" kube-controller-manager default_service_account
-  log "node $NODE_NAME up in $((SECONDS - started))s (containerd $NODE_STATE/containerd, kubelet 127.0.0.1:$KUBELET_PORT)"
+  log "node $NODE_NAME up in $((SECONDS - started))s (address $NODE_IP on lo, containerd $NODE_STATE/containerd, kubelet $NODE_IP:$KUBELET_PORT)"
 }
 
 # Stops the node's pods' containers, the kubelet, containerd and the controllers; then removes
@@ -245,6 +262,7 @@ node_down() {
   pkill_shims
   node_stop_servers
   node_restore_sysctls
+  node_restore_mounts
   # Pod volumes (tmpfs for tokens), container root file systems and sandboxes' /dev/shm are
   # mounted under $NODE_STATE: unmount, deepest first, before anything there is removed.
   local mount link
@@ -256,8 +274,25 @@ node_down() {
     if [[ -L $link && $(readlink "$link") == "$NODE_STATE/"* ]]; then rm -f "$link"; fi
   done
   rm -rf --one-file-system "$NODE_STATE"
+  # containerd puts its shims' sockets under /run/containerd whatever its state directory:
+  # remove what is left there empty (a containerd of the host's own keeps its entries).
+  [[ -d /run/containerd ]] && find /run/containerd -depth -type d -empty -delete 2>/dev/null
   node_remove_cgroups kubepods
   node_remove_service_route
+}
+
+# The DaemonSet mounts /dev and /var/lib/nbd-exports with HostToContainer propagation, which
+# the runtime refuses unless the host's mount is shared (or a slave). A systemd host shares
+# every mount; a machine without systemd (a VM's own init, a container) may have them private.
+# Then the node makes / shared, recursively, as a kubelet host has it, and `down` puts it back.
+node_share_mounts() {
+  [[ $(findmnt -no PROPAGATION /) == private ]] || return 0
+  mount --make-rshared /
+  touch "$NODE_STATE/mounts-were-private"
+}
+node_restore_mounts() {
+  [[ -f $NODE_STATE/mounts-were-private ]] || return 0
+  mount --make-rprivate /
 }
 
 # The kubelet sets these kernel settings at start (it cannot be told not to); `down` puts back

@@ -362,6 +362,7 @@ cmd_up() {
     --service-cluster-ip-range="$SERVICE_CIDR" \
     --endpoint-reconciler-type=none \
     --allow-privileged=true \
+    --kubelet-preferred-address-types=InternalIP \
     --profiling=false
   until apiserver_ready; do
     if ! running_pid kube-apiserver >/dev/null || ((SECONDS >= deadline)); then

@@ -1,6 +1,6 @@
 /**
  * The DaemonSet on a real node: `hack/cluster.sh up --with-node` runs a kubelet on containerd
- * and runc (node-1, address 127.0.0.1) with the image hack/image.sh built, and
+ * and runc (node-1, its address on lo) with the image hack/image.sh built, and
  * `kubectl apply -k manifests/` installs the controller there unchanged. Its pod must run Ready
  * through its probes on its ServiceAccount's in-cluster config; NbdExports on node-1 become
  * Ready and carry data through status.uri; `kubectl logs` shows JSON; and neither deleting the
@@ -25,7 +25,7 @@ import {
 } from '../support/nbd.js';
 import { waitFor } from '../support/poll.js';
 import { isRunning } from '../support/repo.js';
-import { NODE_NAME, startNodeCluster, type NodeCluster } from './harness/node.js';
+import { NODE_IP, NODE_NAME, startNodeCluster, type NodeCluster } from './harness/node.js';
 
 const CONTROLLER_NAMESPACE = 'nbd-export-controller';
 const NAMESPACE = 'e2e-node';
@@ -155,7 +155,7 @@ describe('the DaemonSet on a real node', () => {
       expect(pod.spec.nodeName).toBe(NODE_NAME);
       expect(pod.spec.serviceAccountName).toBe('nbd-export-controller');
       expect(pod.spec.containers[0]?.image).toBe('nbd-export-controller:0.1.0');
-      expect(pod.status.hostIP).toBe('127.0.0.1');
+      expect(pod.status.hostIP).toBe(NODE_IP);
       // The in-cluster config: the kubelet projected the ServiceAccount's token into the pod.
       const mounted = await kube().kubectl([
         'exec',
@@ -190,7 +190,7 @@ describe('the DaemonSet on a real node', () => {
       for (const e of exports) {
         const object = await readyExport(e.name);
         const uri = object.status?.uri ?? '';
-        expect(uri).toMatch(/^nbd:\/\/127\.0\.0\.1:1081[09]\//);
+        expect(uri.startsWith(`nbd://${NODE_IP}:${e.format === 'raw' ? 10809 : 10810}/`)).toBe(true);
         const data = join(work, `${e.name}.data`);
         await writeRandomFile(data, IMAGE_SIZE);
         await nbdcopy(data, uri);

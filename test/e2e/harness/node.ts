@@ -1,6 +1,7 @@
 /**
  * A control plane with a real node for one test file: `hack/cluster.sh up --with-node` with its
- * own CLUSTER_DIR and free ports, so node-1 runs a kubelet on containerd and runc with the
+ * own CLUSTER_DIR and free ports, so node-1 (address NODE_IP, on lo) runs a kubelet on
+ * containerd and runc with the
  * controller's image (hack/image.sh) already imported. The image archive is IMAGE_ARCHIVE when
  * set (hack/test.sh builds it once), else this builds it. `down()` stops all of it.
  *
@@ -17,6 +18,8 @@ import { waitFor } from '../../support/poll.js';
 import { CRD_NAME, Cluster } from './cluster.js';
 
 export const NODE_NAME = 'node-1';
+/** The node's address (hack/cluster-node.sh puts it on lo: the kubelet refuses 127.0.0.0/8). */
+export const NODE_IP = '198.51.100.10';
 
 export class NodeCluster extends Cluster {
   /** containerd's socket on the node (`ctr --address`). */
@@ -66,6 +69,7 @@ export async function startNodeCluster(): Promise<NodeCluster> {
     SCHEDULER_PORT: String(scheduler),
     IMAGE_ARCHIVE: archive,
     READY_TIMEOUT: '300',
+    NODE_IP,
   };
   const kubectlPath = (await execa(CLUSTER_SCRIPT, ['kubectl'], { env })).stdout.trim();
   const up = await execa(CLUSTER_SCRIPT, ['up', '--with-node'], { env, reject: false });
