@@ -136,8 +136,12 @@ beforeAll(async () => {
 
 afterAll(async () => {
   if (cluster) {
-    // The controller deletes nothing it did not create; the images are ours to remove.
-    await cluster.kubectl(['delete', 'namespace', NAMESPACE, '--wait=false'], { reject: false });
+    // While the controller still runs: it stops serving them, deletes the images it created
+    // (deletionPolicy Delete) and forgets them in the host's state directory, which outlives
+    // this cluster; then lets the finalizer go.
+    await cluster.kubectl(['delete', 'nbdexports', '--all', '-n', NAMESPACE, '--timeout=120s'], {
+      reject: false,
+    });
     await cluster.down();
   }
   if (imagesDir !== '') await rm(imagesDir, { recursive: true, force: true });
