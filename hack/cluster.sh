@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
-# A real Kubernetes control plane on loopback for the end-to-end tests: etcd and kube-apiserver
-# (no controller-manager, scheduler or kubelet), plus kubectl, all built from source as Go
-# modules by hack/controlplane/ and cached under .tools/controlplane/<stamp>/bin/.
+# A real Kubernetes control plane on loopback for the end-to-end tests: etcd and kube-apiserver,
+# plus kubectl, and with --with-node a real node (kube-controller-manager, kube-scheduler, and a
+# kubelet on containerd and runc: hack/cluster-node.sh), all built from source as Go modules by
+# hack/controlplane/ and cached under .tools/controlplane/<stamp>/bin/.
 #
-#   hack/cluster.sh build        build the binaries unless the pinned versions are already built;
-#                                prints their directory
-#   hack/cluster.sh up           build if needed, start etcd and kube-apiserver in the background,
+#   hack/cluster.sh build [--with-node]
+#                                build the binaries unless the pinned versions are already built
+#                                (--with-node: the node's too); prints their directory
+#   hack/cluster.sh up [--with-node]
+#                                build if needed, start etcd and kube-apiserver in the background,
 #                                wait for /readyz, write an admin kubeconfig; prints its path.
-#                                Does nothing if this CLUSTER_DIR's control plane is already up.
+#                                --with-node: also the node node-1, with the controller's image
+#                                (IMAGE_ARCHIVE, or hack/image.sh builds it) in its containerd.
+#                                Does nothing if this CLUSTER_DIR's cluster is already up.
 #   hack/cluster.sh down         stop what `up` started (by pid file), remove the state; keeps logs/
 #   hack/cluster.sh status       exit 0 and say so if the control plane is up, else exit 1
 #   hack/cluster.sh kubeconfig   print the path of the running control plane's admin kubeconfig
@@ -24,9 +29,13 @@
 #   ETCD_PEER_PORT  etcd peer port                                        (default: 23800)
 #   APISERVER_PORT  kube-apiserver secure port                            (default: 26443)
 #   READY_TIMEOUT   seconds `up` waits for readiness                       (default: 120)
+#   IMAGE_ARCHIVE   --with-node: the image archive to import  (default: what hack/image.sh builds)
+#   NODE_IP, KUBELET_PORT, KUBELET_HEALTHZ_PORT, CONTROLLER_MANAGER_PORT, SCHEDULER_PORT
+#                   --with-node: see hack/cluster-node.sh
 #
 # Access: the admin kubeconfig authenticates with a static bearer token (user "admin" in
-# system:masters) and trusts the cluster's own CA ($CLUSTER_DIR/pki/ca.crt). No controllers run:
+# system:masters) and trusts the cluster's own CA ($CLUSTER_DIR/pki/ca.crt). Without a node no
+# controllers run:
 # namespaces get no "default" ServiceAccount and no token Secrets are made; get a ServiceAccount
 # token from the TokenRequest API instead (`kubectl create token NAME`), which the apiserver
 # serves by itself. Pods are stored but never scheduled or run; a Pod that names no
