@@ -17,10 +17,11 @@
 # The result is the image `Containerfile` describes (same packages, same /app, same
 # entrypoint, PATH and NODE_ENV), built without a base image.
 #
-# Reproducible: SOURCE_DATE_EPOCH is the last commit's time; mmdebstrap then clamps every
-# mtime to it and leaves out what differs between runs (machine-id, logs, caches), the layer is
-# compressed without a name or time, and the JSON is written in a fixed order. Two builds from
-# the same commit and the same Debian package versions give the same digest. The package
+# Reproducible: SOURCE_DATE_EPOCH (if not set already) is the last commit's time; mmdebstrap
+# then clamps every mtime to it and leaves out what differs between runs (machine-id, logs,
+# caches), the layer is compressed without a name or time, and the JSON is written in a fixed
+# order. Two builds from the same commit and the same Debian package versions give the same
+# digest. The package
 # versions are those the Debian mirror serves that day (point releases and security updates
 # change them); /app/debian-packages.txt in the image lists them.
 #
@@ -52,7 +53,7 @@ if [[ -z ${APT_SOURCES:-} ]]; then
 fi
 [[ -s ${APT_SOURCES:-} ]] || die "no Debian sources to build from: set APT_SOURCES to a sources.list or .sources file"
 
-SOURCE_DATE_EPOCH="$(git log -1 --format=%ct 2>/dev/null || echo 0)"
+SOURCE_DATE_EPOCH="${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct 2>/dev/null || echo 0)}"
 export SOURCE_DATE_EPOCH
 
 packages=(nbd-server qemu-utils qemu-system-common libnbd-bin ca-certificates)
@@ -78,7 +79,10 @@ cp -a hack/image/server-launch "$work/app/server-launch"
 
 # ---- 2. the root file system
 log "building the root file system from Debian bookworm with mmdebstrap (${packages[*]})"
+# The merged-/usr hook makes the /bin → usr/bin links itself; otherwise apt satisfies bookworm's
+# need for merged /usr with the usrmerge package, which brings Perl (about 25 MB).
 nice -n 10 mmdebstrap --quiet --mode=root --variant=essential --format=tar \
+  --hook-dir=/usr/share/mmdebstrap/hooks/merged-usr \
   --include="$(
     IFS=,
     echo "${packages[*]}"
