@@ -385,7 +385,13 @@ cmd_up() {
   write_kubeconfig
   log "control plane up in $((SECONDS - started))s: $SERVER_URL (etcd 127.0.0.1:$ETCD_PORT, state $CLUSTER_DIR)"
   if [[ -n $with_node ]]; then
-    node_up || {
+    # A subshell, so that a failure inside (die, or errexit) ends only it and what it started is
+    # stopped here; started in the background and waited for, because errexit does not apply
+    # inside a subshell that is the left side of `||`.
+    local node_started
+    (node_up) &
+    node_started=$!
+    wait "$node_started" || {
       node_down
       stop kube-apiserver
       stop etcd
