@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
-# A real Kubernetes control plane on loopback for the end-to-end tests: etcd and kube-apiserver
-# (no controller-manager, scheduler or kubelet), plus kubectl, all built from source as Go
-# modules by hack/controlplane/ and cached under .tools/controlplane/<stamp>/bin/.
+# A real Kubernetes control plane on loopback for the end-to-end tests: etcd and kube-apiserver,
+# plus kubectl, and with --with-node a real node (kube-controller-manager, kube-scheduler, and a
+# kubelet on containerd and runc: hack/cluster-node.sh), all built from source as Go modules by
+# hack/controlplane/ and cached under .tools/controlplane/<stamp>/bin/.
 #
-#   hack/cluster.sh build        build the binaries unless the pinned versions are already built;
-#                                prints their directory
-#   hack/cluster.sh up           build if needed, start etcd and kube-apiserver in the background,
+#   hack/cluster.sh build [--with-node]
+#                                build the binaries unless the pinned versions are already built
+#                                (--with-node: the node's too); prints their directory
+#   hack/cluster.sh up [--with-node]
+#                                build if needed, start etcd and kube-apiserver in the background,
 #                                wait for /readyz, write an admin kubeconfig; prints its path.
-#                                Does nothing if this CLUSTER_DIR's control plane is already up.
+#                                --with-node: also the node node-1, with the controller's image
+#                                (IMAGE_ARCHIVE, or hack/image.sh builds it) in its containerd.
+#                                Does nothing if this CLUSTER_DIR's cluster is already up.
 #   hack/cluster.sh down         stop what `up` started (by pid file), remove the state; keeps logs/
 #   hack/cluster.sh status       exit 0 and say so if the control plane is up, else exit 1
 #   hack/cluster.sh kubeconfig   print the path of the running control plane's admin kubeconfig
@@ -24,9 +29,13 @@
 #   ETCD_PEER_PORT  etcd peer port                                        (default: 23800)
 #   APISERVER_PORT  kube-apiserver secure port                            (default: 26443)
 #   READY_TIMEOUT   seconds `up` waits for readiness                       (default: 120)
+#   IMAGE_ARCHIVE   --with-node: the image archive to import  (default: what hack/image.sh builds)
+#   NODE_IP, KUBELET_PORT, KUBELET_HEALTHZ_PORT, CONTROLLER_MANAGER_PORT, SCHEDULER_PORT
+#                   --with-node: see hack/cluster-node.sh
 #
 # Access: the admin kubeconfig authenticates with a static bearer token (user "admin" in
-# system:masters) and trusts the cluster's own CA ($CLUSTER_DIR/pki/ca.crt). No controllers run:
+# system:masters) and trusts the cluster's own CA ($CLUSTER_DIR/pki/ca.crt). Without a node no
+# controllers run:
 # namespaces get no "default" ServiceAccount and no token Secrets are made; get a ServiceAccount
 # token from the TokenRequest API instead (`kubectl create token NAME`), which the apiserver
 # serves by itself. Pods are stored but never scheduled or run; a Pod that names no
@@ -48,6 +57,8 @@ PKI_DIR="$CLUSTER_DIR/pki"
 LOG_DIR="$CLUSTER_DIR/logs"
 KUBECONFIG_FILE="$CLUSTER_DIR/kubeconfig"
 SERVER_URL="https://127.0.0.1:$APISERVER_PORT"
+source "$ROOT/hack/image/oci-archive.sh"
+source "$ROOT/hack/cluster-node.sh"
 
 # ---------------------------------------------------------------------------------------------
 # build
@@ -85,25 +96,31 @@ build_stamp() {
 BIN_DIR="$TOOLS_DIR/controlplane/$(build_stamp)/bin"
 KUBECTL="$BIN_DIR/kubectl"
 BINARIES=(etcd kube-apiserver kubectl)
+# What a node adds (`--with-node`), built only when asked for: the plain control plane is what
+# every other end-to-end test needs, and these add minutes to a cold build.
+NODE_BINARIES=(kube-controller-manager kube-scheduler kubelet pause)
 
 binaries_present() {
   local b
-  for b in "${BINARIES[@]}"; do [[ -x $BIN_DIR/$b ]] || return 1; done
+  for b in "$@"; do [[ -x $BIN_DIR/$b ]] || return 1; done
 }
 
+# build [--with-node]
 cmd_build() {
-  if ! binaries_present; then
+  local with_node="${1:-}"
+  if ! binaries_present "${BINARIES[@]}" || { [[ $with_node == --with-node ]] && ! binaries_present "${NODE_BINARIES[@]}"; }; then
     command -v go >/dev/null 2>&1 || die "Go is needed to build the control plane (hack/controlplane/)"
     mkdir -p "$TOOLS_DIR/controlplane"
     # One build at a time: a second caller waits for the lock, then finds the binaries there.
     build_binaries 9>"$TOOLS_DIR/controlplane/.lock"
+    [[ $with_node == --with-node ]] && build_node_binaries 9>"$TOOLS_DIR/controlplane/.lock"
   fi
   printf '%s\n' "$BIN_DIR"
 }
 
 build_binaries() {
   flock 9
-  binaries_present && return
+  binaries_present "${BINARIES[@]}" && return
   local stage="${BIN_DIR%/bin}.partial" started=$SECONDS
   rm -rf "$stage"
   mkdir -p "$stage/bin"
@@ -115,9 +132,34 @@ build_binaries() {
     k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kubectl) ||
     die "building kube-apiserver and kubectl failed"
   "$stage/bin/kubectl" version --client >/dev/null || die "the built kubectl does not run"
+  # Node binaries built earlier for the same stamp stay.
+  if [[ -d $BIN_DIR ]]; then
+    local b
+    for b in "${NODE_BINARIES[@]}"; do [[ -x $BIN_DIR/$b ]] && mv "$BIN_DIR/$b" "$stage/bin/"; done
+  fi
   rm -rf "${BIN_DIR%/bin}"
   mv "$stage" "${BIN_DIR%/bin}"
   log "built in $((SECONDS - started))s: $BIN_DIR"
+}
+
+# The node's binaries go into the same stamped directory, each moved in only when built whole.
+build_node_binaries() {
+  flock 9
+  binaries_present "${NODE_BINARIES[@]}" && return
+  local stage="${BIN_DIR%/bin}.node-partial" started=$SECONDS b
+  rm -rf "$stage"
+  mkdir -p "$stage"
+  log "building kube-controller-manager, kube-scheduler and kubelet $KUBE_VERSION and the pause program"
+  export CGO_ENABLED=0 GOWORK=off GOFLAGS="-mod=readonly -buildvcs=false"
+  (cd "$CONTROLPLANE_SRC/kube" && go build "${BUILD_FLAGS[@]}" -ldflags="$(kube_ldflags)" -o "$stage/" \
+    k8s.io/kubernetes/cmd/kube-controller-manager k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubelet) ||
+    die "building kube-controller-manager, kube-scheduler and kubelet failed"
+  (cd "$CONTROLPLANE_SRC/pause" && go build "${BUILD_FLAGS[@]}" -ldflags="$ETCD_LDFLAGS" -o "$stage/pause" .) ||
+    die "building pause failed"
+  "$stage/kubelet" --version >/dev/null || die "the built kubelet does not run"
+  for b in "${NODE_BINARIES[@]}"; do mv "$stage/$b" "$BIN_DIR/$b"; done
+  rm -rf "$stage"
+  log "built the node's binaries in $((SECONDS - started))s: $BIN_DIR"
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -140,13 +182,14 @@ running_pid() {
 port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
 # Starts a binary in its own session, detached from this shell; the process writes its own pid.
+# The binary is ours ($BIN_DIR/NAME) unless PROGRAM names another (containerd is Debian's).
 start() {
   local name="$1"
   shift
-  local pidf
+  local pidf program="${PROGRAM:-$BIN_DIR/$name}"
   pidf="$(pid_file "$name")"
   rm -f "$pidf"
-  setsid bash -c 'echo $$ >"$0"; exec "$@"' "$pidf" "$BIN_DIR/$name" "$@" \
+  setsid bash -c 'echo $$ >"$0"; exec "$@"' "$pidf" "$program" "$@" \
     >"$LOG_DIR/$name.log" 2>&1 </dev/null &
   local i
   for ((i = 0; i < 50; i++)); do
@@ -224,11 +267,16 @@ EOF
     # The admin's static bearer token: token,user,uid,"groups".
     openssl rand -hex 32 >admin.token
     printf '%s,admin,admin,"system:masters"\n' "$(<admin.token)" >tokens.csv
+    # The node's kubelet: a node identity, so the Node authorizer limits it to its own pods.
+    openssl rand -hex 32 >kubelet.token
+    printf '%s,system:node:%s,%s,"system:nodes"\n' "$(<kubelet.token)" "$NODE_NAME" "$NODE_NAME" >>tokens.csv
   ) || die "generating certificates and keys in $PKI_DIR failed"
 }
 
+# write_kubeconfig [FILE TOKEN_FILE USER]: the admin's by default
 write_kubeconfig() {
-  local tmp="$KUBECONFIG_FILE.tmp"
+  local file="${1:-$KUBECONFIG_FILE}" token_file="${2:-$PKI_DIR/admin.token}" user="${3:-admin}"
+  local tmp="$file.tmp"
   (
     umask 077
     cat >"$tmp" <<EOF
@@ -240,27 +288,34 @@ clusters:
     server: $SERVER_URL
     certificate-authority-data: $(base64 -w0 <"$PKI_DIR/ca.crt")
 users:
-- name: admin
+- name: $user
   user:
-    token: $(<"$PKI_DIR/admin.token")
+    token: $(<"$token_file")
 contexts:
 - name: local
   context:
     cluster: local
-    user: admin
+    user: $user
     namespace: default
 current-context: local
 EOF
   )
-  mv "$tmp" "$KUBECONFIG_FILE"
+  mv "$tmp" "$file"
 }
 
 # ---------------------------------------------------------------------------------------------
 # subcommands
 
+# up [--with-node]
 cmd_up() {
-  if is_up; then
-    log "control plane already up: $SERVER_URL"
+  local with_node=""
+  case "${1:-}" in
+    --with-node) with_node=1 ;;
+    "") ;;
+    *) usage ;;
+  esac
+  if is_up && { [[ -z $with_node ]] || node_is_up; }; then
+    log "control plane${with_node:+ and node} already up: $SERVER_URL"
     printf '%s\n' "$KUBECONFIG_FILE"
     return
   fi
@@ -269,7 +324,8 @@ cmd_up() {
     log "the control plane of $CLUSTER_DIR is not healthy: stopping what is left, starting anew"
   fi
   cmd_down
-  cmd_build >/dev/null
+  cmd_build ${with_node:+--with-node} >/dev/null
+  [[ -z $with_node ]] || node_check_host
   local port
   for port in "$ETCD_PORT" "$ETCD_PEER_PORT" "$APISERVER_PORT"; do
     port_in_use "$port" && die "port $port on 127.0.0.1 is in use (another control plane? set ETCD_PORT, ETCD_PEER_PORT, APISERVER_PORT)"
@@ -308,13 +364,14 @@ cmd_up() {
     --tls-cert-file="$PKI_DIR/apiserver.crt" \
     --tls-private-key-file="$PKI_DIR/apiserver.key" \
     --token-auth-file="$PKI_DIR/tokens.csv" \
-    --authorization-mode=RBAC \
+    --authorization-mode=Node,RBAC \
     --service-account-issuer="$SA_ISSUER" \
     --service-account-key-file="$PKI_DIR/sa.pub" \
     --service-account-signing-key-file="$PKI_DIR/sa.key" \
     --service-cluster-ip-range="$SERVICE_CIDR" \
     --endpoint-reconciler-type=none \
     --allow-privileged=true \
+    --kubelet-preferred-address-types=InternalIP \
     --profiling=false
   until apiserver_ready; do
     if ! running_pid kube-apiserver >/dev/null || ((SECONDS >= deadline)); then
@@ -327,10 +384,25 @@ cmd_up() {
   done
   write_kubeconfig
   log "control plane up in $((SECONDS - started))s: $SERVER_URL (etcd 127.0.0.1:$ETCD_PORT, state $CLUSTER_DIR)"
+  if [[ -n $with_node ]]; then
+    # A subshell, so that a failure inside (die, or errexit) ends only it and what it started is
+    # stopped here; started in the background and waited for, because errexit does not apply
+    # inside a subshell that is the left side of `||`.
+    local node_started
+    (node_up) &
+    node_started=$!
+    wait "$node_started" || {
+      node_down
+      stop kube-apiserver
+      stop etcd
+      die "the node did not start (logs: $LOG_DIR)"
+    }
+  fi
   printf '%s\n' "$KUBECONFIG_FILE"
 }
 
 cmd_down() {
+  node_down
   stop kube-apiserver
   stop etcd
   # Everything but the logs, which stay for a look after a failed run (`up` starts them anew).
@@ -377,8 +449,8 @@ usage() {
 }
 
 case "${1:-}" in
-  build) cmd_build ;;
-  up) cmd_up ;;
+  build) shift && cmd_build "$@" ;;
+  up) shift && cmd_up "$@" ;;
   down) cmd_down ;;
   status) cmd_status ;;
   kubeconfig) cmd_kubeconfig ;;

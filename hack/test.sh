@@ -25,8 +25,11 @@ log "unit tests"
 run_project unit
 log "integration tests"
 run_project integration
-log "control plane for end-to-end tests"
-"$ROOT/hack/cluster.sh" build
+log "control plane and node for end-to-end tests"
+"$ROOT/hack/cluster.sh" build --with-node
+log "the controller's image (hack/image.sh), for the node's end-to-end test"
+IMAGE_ARCHIVE="$("$ROOT/hack/image.sh" | tail -n1)"
+export IMAGE_ARCHIVE
 log "end-to-end tests"
 run_project e2e
 
