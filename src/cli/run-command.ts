@@ -52,6 +52,7 @@ export async function runController(options: RunOptions): Promise<void> {
       exports: () => services.exportFigures(),
       qemuStorageDaemonIo: () => services.qemuStorageDaemonIo(),
       kubeStore: kubeFigures,
+      directorySource: store instanceof DirectoryExportStore ? () => store.metrics() : undefined,
     },
     { onSourceError: (source, error) => logger.warn({ source, err: error }, 'a metrics source failed') },
   );
@@ -64,7 +65,7 @@ export async function runController(options: RunOptions): Promise<void> {
     metrics,
   });
   const health = await startHealthServer(options.healthAddress, options.healthPort, {
-    ready: () => controller.ready,
+    notReadyBecause: () => controller.notReadyBecause(),
     metrics,
     onMetricsError: (error) => logger.warn({ err: error }, '/metrics failed'),
   });

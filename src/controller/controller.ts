@@ -31,6 +31,14 @@ export interface ControllerOptions {
   clock?: Clock;
 }
 
+/** A directory source is read every second; a minute without a reading means it stopped. */
+const SOURCE_STALE_SECONDS = 60;
+/**
+ * Every step has a deadline of its own (external programs, QMP, the probe); a queue with no
+ * free worker for this long is wedged all the same, and a restart is the way out.
+ */
+const WORKERS_STUCK_SECONDS = 300;
+
 export class Controller {
   readonly #options: ControllerOptions;
   readonly #queue: WorkQueue;
@@ -64,7 +72,21 @@ export class Controller {
   }
 
   get ready(): boolean {
-    return this.#started && this.#options.store.synced;
+    return this.notReadyBecause() === undefined;
+  }
+
+  /**
+   * Why the controller cannot do its job now, or undefined when it can: the source has not
+   * synced, has stopped being read, or every worker has been busy too long (a wedged step).
+   */
+  notReadyBecause(): string | undefined {
+    const { store } = this.#options;
+    if (!this.#started || !store.synced) return 'the source has not synced yet';
+    const stale = store.secondsSinceRead?.() ?? 0;
+    if (stale > SOURCE_STALE_SECONDS) return `the source was last read ${Math.round(stale)} s ago`;
+    const busy = this.#queue.metrics().allWorkersBusySeconds;
+    if (busy > WORKERS_STUCK_SECONDS) return `every worker has been busy for ${Math.round(busy)} s`;
+    return undefined;
   }
 
   metrics(): WorkQueueMetrics {

@@ -17,6 +17,11 @@ export interface ExportStore {
   stop(): Promise<void>;
   /** True once the first listing is in the cache (drives /readyz). */
   readonly synced: boolean;
+  /**
+   * Seconds since desired state was last read, when the source can tell that its reading
+   * has stopped (the directory source; a watch that is merely quiet is not stale).
+   */
+  secondsSinceRead?(): number;
   list(): NbdExport[];
   get(key: ResourceKey): NbdExport | undefined;
   /** Told a key whenever that resource may have changed, including periodic resyncs. */

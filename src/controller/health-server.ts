@@ -1,6 +1,6 @@
 /**
- * /healthz (the process answers), /readyz (the source has synced: the controller knows
- * what it should serve) and /metrics (Prometheus text format, from src/controller/metrics/).
+ * /healthz (the process answers), /readyz (the controller knows what it should serve and can
+ * act on it: the source has synced and is being read, and the workers are not wedged) and /metrics (Prometheus text format, from src/controller/metrics/).
  */
 import { createServer, type Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
@@ -12,7 +12,8 @@ export interface MetricsExposition {
 }
 
 export interface HealthSources {
-  ready(): boolean;
+  /** Undefined when ready; otherwise why not (the /readyz body says it). */
+  notReadyBecause(): string | undefined;
   metrics: MetricsExposition;
   /** Told when /metrics could not be rendered (the scraper sees a 500). */
   onMetricsError?: (error: unknown) => void;
@@ -24,10 +25,10 @@ export async function startHealthServer(host: string, port: number, sources: Hea
     if (path === '/healthz')
       return void response.writeHead(200, { 'content-type': 'text/plain' }).end('ok\n');
     if (path === '/readyz') {
-      const ready = sources.ready();
+      const why = sources.notReadyBecause();
       return void response
-        .writeHead(ready ? 200 : 503, { 'content-type': 'text/plain' })
-        .end(ready ? 'ok\n' : 'not synced\n');
+        .writeHead(why === undefined ? 200 : 503, { 'content-type': 'text/plain' })
+        .end(why === undefined ? 'ok\n' : `not ready: ${why}\n`);
     }
     if (path === '/metrics') {
       sources.metrics.render().then(

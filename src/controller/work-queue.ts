@@ -96,6 +96,8 @@ export interface WorkQueueMetrics {
   runDurationSecondsMax: number;
   /** How long the oldest run still going has been running, in seconds (0 when idle). */
   longestRunningSeconds: number;
+  /** How long every worker has been busy without a break, in seconds (0 while one is free). */
+  allWorkersBusySeconds: number;
 }
 
 interface Delayed {
@@ -108,6 +110,7 @@ interface Delayed {
 export class WorkQueue {
   readonly #handler: WorkHandler;
   readonly #clock: Clock;
+  readonly #concurrency: number;
   readonly #random: () => number;
   readonly #backoff: BackoffOptions;
   readonly #onRetry: WorkQueueOptions['onRetry'];
@@ -161,6 +164,7 @@ export class WorkQueue {
     this.#onRetry = options.onRetry;
     this.#onPermanentError = options.onPermanentError;
     this.#pool = new PQueue({ concurrency });
+    this.#concurrency = concurrency;
   }
 
   /** Queues `key` unless it already waits. Ignored after shutdown. */
@@ -203,13 +207,20 @@ export class WorkQueue {
   metrics(): WorkQueueMetrics {
     const now = this.#clock.now();
     let oldest = now;
-    for (const started of this.#running.values()) oldest = Math.min(oldest, started);
+    let youngest = -Infinity;
+    for (const started of this.#running.values()) {
+      oldest = Math.min(oldest, started);
+      youngest = Math.max(youngest, started);
+    }
+    // Every worker busy: the queue can take nothing new until the youngest run ends.
+    const allBusy = this.#running.size >= this.#concurrency && youngest > -Infinity;
     return {
       depth: this.#dirty.size,
       delayed: this.#delayed.size,
       inFlight: this.#running.size,
       ...this.#counters,
       longestRunningSeconds: (now - oldest) / 1000,
+      allWorkersBusySeconds: allBusy ? (now - youngest) / 1000 : 0,
     };
   }
 

@@ -511,9 +511,12 @@ function retireWhenRefused(plan: ExportPlan, { resource, observed }: PlanInput):
     actions.length > 0 || observed.owned
       ? ' The export it served is taken down and its clients are disconnected.'
       : ' Nothing on the node was changed.';
+  // Nothing is served there: no address that a client might try.
+  const { uri: _, ...fields } = plan.fields;
   return {
     ...plan,
     actions,
+    fields,
     conditions: plan.conditions.map((c) => ({ ...c, message: `${c.message}${note}` })),
   };
 }

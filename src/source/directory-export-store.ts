@@ -105,6 +105,8 @@ export class DirectoryExportStore {
   #synced = false;
   #startedAt: number | undefined;
   #lastCompleteScanAt: number | undefined;
+  /** When a scan of the directory last finished, usable files or not. */
+  #lastScanAt: number | undefined;
   #refusedFiles = 0;
 
   constructor(options: DirectoryExportStoreOptions) {
@@ -236,6 +238,12 @@ export class DirectoryExportStore {
    * version once), refusals by reason, files currently refused, and the seconds since the
    * last complete scan (the directory listed and every file usable; since start if none).
    */
+  /** Seconds since the directory was last read (for /readyz: a source that stopped being read). */
+  secondsSinceRead(): number {
+    const since = this.#lastScanAt ?? this.#startedAt;
+    return since === undefined ? 0 : (this.#clock.now() - since) / 1000;
+  }
+
   metrics(): DirectorySourceMetric[] {
     const { filesRead, refusals } = this.#reader.counters;
     const since = this.#lastCompleteScanAt ?? this.#startedAt;
@@ -403,6 +411,7 @@ export class DirectoryExportStore {
     this.#reportedProblems = problems;
     this.#refusedFiles = refusedFiles.size;
     const now = this.#clock.now();
+    this.#lastScanAt = now;
     if (refusedFiles.size === 0) this.#lastCompleteScanAt = now;
 
     // Deletion needs the resource missing for the whole grace period, and not protected

@@ -8,6 +8,7 @@
  * disappear with it. Reconciles, probes and errors are recorded here as they happen.
  */
 import { collectDefaultMetrics, Counter, Gauge, Histogram, Registry } from 'prom-client';
+import type { DirectorySourceMetric } from '../../source/directory-export-store.js';
 import type { KubeExportStoreMetrics } from '../../kube/kube-export-store.js';
 import type { WorkQueueMetrics } from '../work-queue.js';
 import type { ProcessIo } from './process-io.js';
@@ -55,6 +56,8 @@ export interface MetricsSources {
   qemuStorageDaemonIo(): Promise<ProcessIo | undefined>;
   /** Only in Kubernetes mode. */
   kubeStore?: (() => KubeExportStoreMetrics) | undefined;
+  /** Only in plain-host mode: the directory source's own figures (names fixed at start). */
+  directorySource?: (() => DirectorySourceMetric[]) | undefined;
 }
 
 /** What the controller reports as it works. */
@@ -130,6 +133,14 @@ export class ControllerMetrics implements ReconcileRecorder {
     this.#registerServers(registers, sources);
     this.#registerExports(registers);
     if (sources.kubeStore) this.#registerKube(registers, sources.kubeStore);
+    if (sources.directorySource) this.#registerDirectorySource(registers, sources.directorySource);
+  }
+
+  #registerDirectorySource(registers: Registry[], figures: () => DirectorySourceMetric[]): void {
+    for (const { name, help, type } of figures()) {
+      const read = () => figures().find((f) => f.name === name)?.value ?? 0;
+      (type === 'counter' ? counter : gauge)(registers, name, help, read);
+    }
   }
 
   observeReconcile(result: ReconcileResult, seconds: number, error?: unknown): void {

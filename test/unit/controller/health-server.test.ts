@@ -16,17 +16,19 @@ async function start(sources: HealthSources): Promise<string> {
 
 describe('health server', () => {
   it('answers /healthz, /readyz by readiness, /metrics with the exposition and its content type', async () => {
-    let ready = false;
+    let why: string | undefined = 'the source has not synced yet';
     const url = await start({
-      ready: () => ready,
+      notReadyBecause: () => why,
       metrics: {
         contentType: 'text/plain; version=0.0.4; charset=utf-8',
         render: () => Promise.resolve('up 1\n'),
       },
     });
     expect((await fetch(`${url}/healthz`)).status).toBe(200);
-    expect((await fetch(`${url}/readyz`)).status).toBe(503);
-    ready = true;
+    const notReady = await fetch(`${url}/readyz`);
+    expect(notReady.status).toBe(503);
+    expect(await notReady.text()).toBe('not ready: the source has not synced yet\n');
+    why = undefined;
     expect((await fetch(`${url}/readyz`)).status).toBe(200);
     const metrics = await fetch(`${url}/metrics`);
     expect(metrics.status).toBe(200);
@@ -38,7 +40,7 @@ describe('health server', () => {
   it('answers 500 and tells why when the metrics cannot be rendered', async () => {
     const errors: unknown[] = [];
     const url = await start({
-      ready: () => true,
+      notReadyBecause: () => undefined,
       metrics: { contentType: 'text/plain', render: () => Promise.reject(new Error('QMP timed out')) },
       onMetricsError: (error) => errors.push(error),
     });

@@ -158,6 +158,22 @@ describe('WorkQueue', () => {
     expect(h.started).toHaveLength(10);
   });
 
+  it('tells how long every worker has been busy: the sign of a wedged queue', async () => {
+    const { queue, clock, h } = makeQueue({ concurrency: 2 });
+    queue.add('a');
+    await settle();
+    await clock.advance(10_000);
+    expect(queue.metrics().allWorkersBusySeconds).toBe(0); // one worker is free
+    queue.add('b');
+    await settle();
+    await clock.advance(30_000);
+    // Busy since b started: the youngest run decides when a worker will be free again.
+    expect(queue.metrics().allWorkersBusySeconds).toBe(30);
+    await h.succeed('a');
+    expect(queue.metrics().allWorkersBusySeconds).toBe(0);
+    await h.succeed('b');
+  });
+
   it('retries a failure with exponential backoff and resets it on success', async () => {
     const retries: number[] = [];
     const { queue, clock, h } = makeQueue({ onRetry: (_key, _error, delay) => retries.push(delay) });
@@ -299,6 +315,7 @@ describe('WorkQueue', () => {
       runDurationSecondsCount: 2,
       runDurationSecondsMax: 2,
       longestRunningSeconds: 0,
+      allWorkersBusySeconds: 0,
     });
   });
 

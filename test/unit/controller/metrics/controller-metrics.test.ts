@@ -26,6 +26,7 @@ function queueFigures(overrides: Partial<WorkQueueMetrics> = {}): WorkQueueMetri
     runDurationSecondsCount: 30,
     runDurationSecondsMax: 5,
     longestRunningSeconds: 7.5,
+    allWorkersBusySeconds: 0,
     ...overrides,
   };
 }
