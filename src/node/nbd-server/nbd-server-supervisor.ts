@@ -39,9 +39,8 @@ import {
 } from './loaded-record.js';
 import { checkedPath, renderBaseConfig } from './render-export-config.js';
 import {
-  anyStillListening,
   isListeningOn,
-  listeningSocketsOf,
+  processesListeningOn,
   isServerProcess,
   listenersOn,
   listServerProcesses,
@@ -638,62 +637,54 @@ export class NbdServerSupervisor {
   }
 
   /**
-   * SIGKILL (never SIGTERM: that takes every child with it), then wait until it has
-   * exited and its listening socket is closed. A child forked for a connection an
-   * instant before holds the listening socket until it closes its copy; a new parent
-   * started before that fails to bind and dies (seen under a stream of connections).
+   * SIGKILL (never SIGTERM: that takes every child with it), wait until it has exited, then
+   * end the children still negotiating, which hold its listening socket, whether it was killed
+   * here or had died before. Runs before a new parent is started, so every process of this
+   * config that still listens on the port is one of those.
    */
   async #killParent(pid: number): Promise<void> {
-    if (!isServerProcess(pid, this.configPath)) return;
-    const sockets = await listeningSocketsOf(pid, this.port);
-    process.kill(pid, 'SIGKILL');
-    // Poll tightly (intervalMs 0): this is the time the port is closed.
-    await waitUntil(() => processState(pid) !== 'running', {
-      timeoutMs: 10_000,
-      intervalMs: 0,
-      what: `nbd-server parent ${pid} to exit after SIGKILL`,
-    });
-    const exitedAt = performance.now();
-    // nbd-server forks a child per connection before negotiation, and the child closes the
-    // listening socket only once its client has chosen an export. An idle, slow or half-open
-    // client would keep the port from the next parent for as long as it likes. Such a client
-    // has no export yet: cutting it costs it one connect, the same as a refused one.
-    const cut = await this.#cutNegotiatingChildren(sockets);
-    if (cut > 0) this.#log.info({ pid, clients: cut }, 'cut clients still negotiating at the hand-over');
-    const heldOpen = await anyStillListening(sockets, this.port);
-    if (heldOpen) {
-      // Not an error when it lasts: the new parent's bind then fails, and the launch is retried.
-      await pollUntil(async () => !(await anyStillListening(sockets, this.port)), {
-        timeoutMs: 2_000,
+    if (isServerProcess(pid, this.configPath)) {
+      process.kill(pid, 'SIGKILL');
+      // Poll tightly (intervalMs 0): this is the time the port is closed.
+      await waitUntil(() => processState(pid) !== 'running', {
+        timeoutMs: 10_000,
         intervalMs: 0,
-        what: `the listening socket of nbd-server parent ${pid} to close`,
+        what: `nbd-server parent ${pid} to exit after SIGKILL`,
       });
-      this.#log.debug(
-        { pid, ms: Math.round(performance.now() - exitedAt) },
-        'the listening socket outlived the parent (a child forked an instant before held it)',
-      );
     }
+    await this.#killNegotiatingChildren(pid);
   }
 
   /**
-   * Kills the children that still hold one of these listening sockets: clients that have
-   * not finished negotiating (a negotiated child has closed it). Returns how many.
+   * A child still negotiating holds the old parent's listening socket (nbd-server 3.24 closes
+   * it in a child only once the client has chosen an export). Such a child was forked with the
+   * old export set: left alone, it would serve an export this hand-over retires to a client
+   * that finishes its handshake later; and while it holds the socket no new parent can bind,
+   * so a client that never finishes (a port scan, a stalled or hostile client) would freeze the
+   * export set for good (found by test/integration/hostile-input.test.ts). It serves nobody
+   * yet, so it is ended; its client sees a reset and must retry, as it must for a connect
+   * refused during any hand-over.
    */
-  async #cutNegotiatingChildren(sockets: ReadonlySet<string>): Promise<number> {
-    if (sockets.size === 0) return 0;
-    let cut = 0;
-    for (const child of await listServerProcesses(this.configPath)) {
-      const held = await listeningSocketsOf(child.pid, this.port);
-      if (![...held].some((inode) => sockets.has(inode))) continue;
+  async #killNegotiatingChildren(parent: number): Promise<void> {
+    const holders = await processesListeningOn(this.port, this.configPath);
+    if (holders.length === 0) return;
+    const startedAt = performance.now();
+    for (const child of holders)
       try {
-        process.kill(child.pid, 'SIGKILL');
-        cut++;
+        process.kill(child, 'SIGKILL');
         this.#handshakesCut++;
       } catch {
         // Gone meanwhile.
       }
-    }
-    return cut;
+    // Not an error when it lasts: the new parent's bind then fails, and the launch is retried.
+    const freed = await pollUntil(
+      async () => (await processesListeningOn(this.port, this.configPath)).length === 0,
+      { timeoutMs: 2_000, intervalMs: 0, what: `the children of nbd-server parent ${parent} to exit` },
+    );
+    this.#log.info(
+      { parent, children: holders.length, freed, ms: Math.round(performance.now() - startedAt) },
+      'ended children of the old nbd-server parent that were still negotiating (they held its listening socket and its old export set)',
+    );
   }
 
   /**
@@ -703,15 +694,12 @@ export class NbdServerSupervisor {
    */
   async #reapStalledHandshakes(): Promise<void> {
     if (this.#pid === null) return;
-    const sockets = await listeningSocketsOf(this.#pid, this.port);
-    if (sockets.size === 0) return;
+    const parent = this.#pid;
     const now = performance.now();
-    const negotiating = new Set<number>();
-    for (const child of await listServerProcesses(this.configPath)) {
-      if (child.pid === this.#pid) continue;
-      const held = await listeningSocketsOf(child.pid, this.port);
-      if ([...held].some((inode) => sockets.has(inode))) negotiating.add(child.pid);
-    }
+    // Every process of this config on the port but the parent: a child still negotiating.
+    const negotiating = new Set(
+      (await processesListeningOn(this.port, this.configPath)).filter((pid) => pid !== parent),
+    );
     for (const pid of this.#negotiatingSince.keys())
       if (!negotiating.has(pid)) this.#negotiatingSince.delete(pid);
     for (const pid of negotiating) {

@@ -107,14 +107,23 @@ export async function isListeningOn(pid: number, port: number): Promise<boolean>
 }
 
 /**
- * Whether any of these listening sockets still exists. A socket outlives the process
- * that opened it while another holds it: a child nbd-server has just forked holds the
- * parent's listening socket until it closes its copy.
+ * The nbd-server processes of this config that hold a socket listening on TCP `port`. With no
+ * parent running, only a child still negotiating can: nbd-server 3.24 forks before the
+ * handshake and closes its copy of the listening socket only after its client has chosen an
+ * export (measured), so such a child serves no client yet. One whose client never finishes
+ * the handshake holds the port for as long as the client likes (nbd-server has no deadline).
  */
-export async function anyStillListening(inodes: ReadonlySet<string>, port: number): Promise<boolean> {
-  if (inodes.size === 0) return false;
-  for (const inode of await allListeningInodes(port)) if (inodes.has(inode)) return true;
-  return false;
+export async function processesListeningOn(port: number, configPath: string): Promise<number[]> {
+  const inodes = await allListeningInodes(port);
+  if (inodes.size === 0) return [];
+  const holders: number[] = [];
+  for (const pid of findProcesses((argv, pid) => isRunning(pid) && isServerCommandLine(argv, configPath)))
+    for (const inode of await socketInodesOf(pid))
+      if (inodes.has(inode)) {
+        holders.push(pid);
+        break;
+      }
+  return holders;
 }
 
 /** Pids of whatever listens on TCP `port` (for an error message when the port is taken). */
