@@ -5,6 +5,7 @@
  * link, without blocking, and at most `maxBytes` (+1, to tell "exactly the limit" from
  * "more") are read.
  */
+import { fileTypeOf } from '../shared/file-type.js';
 import { constants, type BigIntStats } from 'node:fs';
 import { lstat, open } from 'node:fs/promises';
 import { SourceFileRefusal } from './source-file-refusal.js';
@@ -47,7 +48,7 @@ export async function inspectEntry(path: string, label: string): Promise<Directo
       refusal: new SourceFileRefusal(
         label,
         'not-a-regular-file',
-        `is a ${describeType(stats)}, not a regular file`,
+        `is a ${fileTypeOf(stats)}, not a regular file`,
       ),
     };
   return { kind: 'regular-file', identity: identityOf(stats) };
@@ -92,7 +93,7 @@ export async function readRegularFile(
       throw new SourceFileRefusal(
         label,
         'not-a-regular-file',
-        `is a ${describeType(before)}, not a regular file`,
+        `is a ${fileTypeOf(before)}, not a regular file`,
         {
           identity,
         },
@@ -140,14 +141,4 @@ function tooLarge(
     `is ${size} bytes; the maximum is ${maxBytes} bytes`,
     identity === undefined ? {} : { identity },
   );
-}
-
-function describeType(stats: BigIntStats): string {
-  if (stats.isDirectory()) return 'directory';
-  if (stats.isFIFO()) return 'FIFO';
-  if (stats.isSocket()) return 'socket';
-  if (stats.isSymbolicLink()) return 'symbolic link';
-  if (stats.isBlockDevice()) return 'block device';
-  if (stats.isCharacterDevice()) return 'character device';
-  return 'special file';
 }

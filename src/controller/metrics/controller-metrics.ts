@@ -332,43 +332,27 @@ export class ControllerMetrics implements ReconcileRecorder {
   #registerExports(registers: Registry[]): void {
     // collect() runs with the metric as `this`; this arrow keeps ours.
     const scrape = () => this.#scrape();
-    new Gauge({
-      name: 'nbdx_export_connected_clients',
-      help: 'Clients connected to an export now. Only nbd-server exports have this series (one process per client); qemu-storage-daemon 7.2 reports no clients per export over QMP',
-      labelNames: EXPORT_LABELS,
+    exportGauge(
       registers,
-      async collect() {
-        const figures = await scrape().exports;
-        this.reset();
-        for (const figure of figures)
-          if (figure.connectedClients !== undefined) this.set(labelsOf(figure), figure.connectedClients);
-      },
-    });
-    new Gauge({
-      name: 'nbdx_export_stale_clients',
-      help: 'Clients of an nbd-server export still served the configuration they connected under, from before a change (the resource shows RestartPending until they leave). Only nbd-server exports have this series',
-      labelNames: EXPORT_LABELS,
+      'nbdx_export_connected_clients',
+      'Clients connected to an export now. Only nbd-server exports have this series (one process per client); qemu-storage-daemon 7.2 reports no clients per export over QMP',
+      scrape,
+      (figure) => figure.connectedClients,
+    );
+    exportGauge(
       registers,
-      async collect() {
-        const figures = await scrape().exports;
-        this.reset();
-        for (const figure of figures)
-          if (figure.staleClients !== undefined) this.set(labelsOf(figure), figure.staleClients);
-      },
-    });
-    new Gauge({
-      name: 'nbdx_export_written_highest_offset_bytes',
-      help: "Highest guest offset written through an export since qemu-storage-daemon opened it (QMP query-blockstats wr_highest_offset of the export's format node). Only qemu-storage-daemon exports have this series. Bytes and operations read and written are not reported for any export: nbd-server 3.24 keeps no such counts, and qemu-storage-daemon 7.2 does no block accounting for NBD exports (its query-blockstats shows 0 however much is moved)",
-      labelNames: EXPORT_LABELS,
+      'nbdx_export_stale_clients',
+      'Clients of an nbd-server export still served the configuration they connected under, from before a change (the resource shows RestartPending until they leave). Only nbd-server exports have this series',
+      scrape,
+      (figure) => figure.staleClients,
+    );
+    exportGauge(
       registers,
-      async collect() {
-        const figures = await scrape().exports;
-        this.reset();
-        for (const figure of figures)
-          if (figure.highestWrittenOffsetBytes !== undefined)
-            this.set(labelsOf(figure), figure.highestWrittenOffsetBytes);
-      },
-    });
+      'nbdx_export_written_highest_offset_bytes',
+      "Highest guest offset written through an export since qemu-storage-daemon opened it (QMP query-blockstats wr_highest_offset of the export's format node). Only qemu-storage-daemon exports have this series. Bytes and operations read and written are not reported for any export: nbd-server 3.24 keeps no such counts, and qemu-storage-daemon 7.2 does no block accounting for NBD exports (its query-blockstats shows 0 however much is moved)",
+      scrape,
+      (figure) => figure.highestWrittenOffsetBytes,
+    );
   }
 
   #registerKube(registers: Registry[], kubeStore: () => KubeExportStoreMetrics): void {
@@ -479,6 +463,30 @@ export class ControllerMetrics implements ReconcileRecorder {
       kube('eventsFailedTotal'),
     );
   }
+}
+
+/** A gauge per export, from one read of the servers a scrape; an export without the figure has no series. */
+function exportGauge(
+  registers: Registry[],
+  name: string,
+  help: string,
+  scrape: () => ScrapeSnapshot,
+  pick: (figure: ExportFigures) => number | undefined,
+): void {
+  new Gauge({
+    name,
+    help,
+    labelNames: EXPORT_LABELS,
+    registers,
+    async collect() {
+      const figures = await scrape().exports;
+      this.reset();
+      for (const figure of figures) {
+        const value = pick(figure);
+        if (value !== undefined) this.set(labelsOf(figure), value);
+      }
+    },
+  });
 }
 
 function gauge(registers: Registry[], name: string, help: string, read: () => number): void {

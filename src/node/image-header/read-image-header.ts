@@ -5,6 +5,7 @@
  * device. Everything reported about the file comes from one fstat of the descriptor the
  * bytes were read from, so a rename between a check and the read cannot mix two files.
  */
+import { fileTypeOf } from '../../shared/file-type.js';
 import { constants } from 'node:fs';
 import { lstat, open, readFile, readlink, type FileHandle } from 'node:fs/promises';
 import { basename } from 'node:path';
@@ -98,27 +99,6 @@ async function blockDeviceSize(rdev: bigint): Promise<number> {
   if (!/^\d+$/.test(sectors))
     throw new Error(`/sys/dev/block/${major}:${minor}/size holds ${JSON.stringify(sectors)}`);
   return Number(BigInt(sectors) * 512n);
-}
-
-interface FileKind {
-  isFile(): boolean;
-  isBlockDevice(): boolean;
-  isCharacterDevice(): boolean;
-  isFIFO(): boolean;
-  isSocket(): boolean;
-  isDirectory(): boolean;
-  isSymbolicLink(): boolean;
-}
-
-function fileTypeOf(info: FileKind): string {
-  if (info.isFile()) return 'file';
-  if (info.isBlockDevice()) return 'block-device';
-  if (info.isCharacterDevice()) return 'character device';
-  if (info.isFIFO()) return 'FIFO';
-  if (info.isSocket()) return 'socket';
-  if (info.isDirectory()) return 'directory';
-  if (info.isSymbolicLink()) return 'symlink';
-  return 'special file';
 }
 
 function failure(error: unknown, path: string): ImageHeaderRead {
