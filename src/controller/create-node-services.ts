@@ -15,10 +15,15 @@ import { createBackingGate, judgeImageChain, type ImageJudgeRequest } from '../p
 import type { ImageObservation } from '../plan/observed-state.js';
 import { QemuStorageDaemon } from '../node/qemu-storage-daemon/qemu-storage-daemon.js';
 import { resolvePath } from '../node/resolve-path.js';
+import { corruptStateFilesMovedAside } from '../node/corrupt-state-file.js';
+import { StateDirectoryHealth } from '../node/state-directory-health.js';
 import type { ExportFigures, ServerFigures } from './metrics/controller-metrics.js';
 import { collectExportFigures } from './metrics/export-figures.js';
 import { readProcessIo, type ProcessIo } from './metrics/process-io.js';
 import type { NodeServices } from './node-services.js';
+
+/** How often the state directory's condition is checked for /metrics. */
+const STATE_DIRECTORY_CHECK_MS = 5_000;
 
 export interface NodeServicesOptions {
   stateDir: string;
@@ -41,7 +46,13 @@ export interface StartedNodeServices extends NodeServices {
 
 export async function createNodeServices(options: NodeServicesOptions): Promise<StartedNodeServices> {
   const { stateDir, logger } = options;
-  const ledger = new OwnershipLedger(join(stateDir, 'ledger'));
+  // Checked first (a missing directory is created again), then every few seconds for /metrics.
+  // Whatever it finds, the controller starts: what cannot be written fails in the actions that
+  // write it, which the resources' status shows, and heals when the condition clears.
+  const stateDirectory = new StateDirectoryHealth(stateDir, logger);
+  await stateDirectory.check();
+  stateDirectory.startChecking(STATE_DIRECTORY_CHECK_MS);
+  const ledger = new OwnershipLedger(join(stateDir, 'ledger'), { logger });
   await ledger.load();
   await removeTemporaryImagesOfLedger(ledger, logger);
 
@@ -57,7 +68,13 @@ export async function createNodeServices(options: NodeServicesOptions): Promise<
     port: options.qemuPort,
     logger,
   });
-  await Promise.all([nbdServer.start(), qemu.start()]);
+  await nbdServer.start(); // never throws: a failure is retried by its watchdog
+  // A daemon that cannot start now is started again by the first export that needs it.
+  await qemu
+    .start()
+    .catch((error: unknown) =>
+      logger.error({ err: error }, 'could not start or adopt qemu-storage-daemon; will retry on demand'),
+    );
 
   const checksums = new ChecksumJobs({ logger });
   return {
@@ -88,6 +105,7 @@ export async function createNodeServices(options: NodeServicesOptions): Promise<
     resolvePath,
     probe: probeExport,
     async detach() {
+      stateDirectory.stop();
       checksums.stop();
       await Promise.all([nbdServer.detach(), qemu.detach()]);
     },
@@ -103,6 +121,10 @@ export async function createNodeServices(options: NodeServicesOptions): Promise<
         },
         qemuStorageDaemon: { running: qemu.status().running },
         ownedExports: ledger.all().length,
+        stateDirectory: {
+          condition: stateDirectory.condition(),
+          corruptFilesMovedAside: corruptStateFilesMovedAside(),
+        },
       };
     },
     qemuStorageDaemonIo() {
@@ -145,7 +167,10 @@ async function removeTemporaryImagesOfLedger(ledger: OwnershipLedger, logger: Lo
     ledger.all().flatMap((r) => (r.createdImage ? [dirname(r.createdImage.path)] : [])),
   );
   for (const directory of directories) {
-    const removed = await removeStaleTemporaryImages(directory).catch(() => []);
+    const removed = await removeStaleTemporaryImages(directory).catch((error: unknown) => {
+      logger.warn({ directory, err: error }, 'could not clean up temporary images');
+      return [];
+    });
     for (const path of removed)
       logger.info({ path }, 'removed a temporary image left by an interrupted creation');
   }
