@@ -10,7 +10,12 @@ import { NbdServerSupervisor } from '../node/nbd-server/nbd-server-supervisor.js
 import { OwnershipLedger } from '../node/ownership-ledger.js';
 import { ChecksumJobs } from '../node/checksum-jobs.js';
 import { inspectImageChain } from '../node/image-header/inspect-image-chain.js';
-import { createImage, probeImageLock, removeStaleTemporaryImages } from '../node/qemu-img.js';
+import {
+  createImage,
+  probeImageLock,
+  removeStaleTemporaryImages,
+  stopOrphanedCreates,
+} from '../node/qemu-img.js';
 import { createBackingGate, judgeImageChain, type ImageJudgeRequest } from '../plan/image-header.js';
 import type { ImageObservation } from '../plan/observed-state.js';
 import { QemuStorageDaemon } from '../node/qemu-storage-daemon/qemu-storage-daemon.js';
@@ -84,8 +89,18 @@ export async function createNodeServices(options: NodeServicesOptions): Promise<
     checksums,
     images: {
       inspect: (path, request) => inspectAndJudge(path, request),
-      probeLock: probeImageLock,
+      // An export qemu-storage-daemon still serves, waiting to be claimed again after its
+      // exports.json was lost, holds its image's lock: that is us, not a foreign writer.
+      probeLock: (path) =>
+        qemu.unclaimedPaths().has(path) ? Promise.resolve({ locked: false }) : probeImageLock(path),
       async create(request, beforePublish) {
+        // createImage does this too; here it is logged: a controller killed mid-create left it.
+        const stopped = await stopOrphanedCreates(dirname(request.path), { image: request.path });
+        if (stopped.length > 0)
+          logger.warn(
+            { path: request.path, pids: stopped },
+            'killed an orphaned qemu-img creating this image',
+          );
         await createImage(request, { beforePublish });
       },
       async makeParentDirectories(path) {
@@ -167,6 +182,12 @@ async function removeTemporaryImagesOfLedger(ledger: OwnershipLedger, logger: Lo
     ledger.all().flatMap((r) => (r.createdImage ? [dirname(r.createdImage.path)] : [])),
   );
   for (const directory of directories) {
+    const stopped = await stopOrphanedCreates(directory).catch((error: unknown) => {
+      logger.warn({ directory, err: error }, 'could not stop orphaned qemu-img creates');
+      return [];
+    });
+    if (stopped.length > 0)
+      logger.warn({ directory, pids: stopped }, 'killed orphaned qemu-img creates of a killed controller');
     const removed = await removeStaleTemporaryImages(directory).catch((error: unknown) => {
       logger.warn({ directory, err: error }, 'could not clean up temporary images');
       return [];

@@ -112,6 +112,8 @@ export class QemuStorageDaemon {
    */
   #unclaimed = new Set<string>();
   #unclaimedUntil = 0;
+  /** The image files the unclaimed exports hold open (and locked): not a foreign writer's. */
+  #unclaimedPaths = new Set<string>();
   /** exports.json was missing or corrupt when last read: live exports are adopted, not removed. */
   #recordsLost = false;
   /** Serialises everything that talks to the daemon or the state file. */
@@ -146,6 +148,15 @@ export class QemuStorageDaemon {
   status(): QemuStorageDaemonStatus {
     const running = this.#qmp !== undefined && !this.#qmp.closed;
     return { running, ...(this.#pid === undefined ? {} : { pid: this.#pid }), adopted: this.#adopted };
+  }
+
+  /**
+   * Image files held by exports this daemon serves that exports.json lost (until a resource
+   * claims them or the adoption window ends). Their QEMU lock is our own: the lock probe must
+   * not take it for a foreign writer, or the resource would never claim its export.
+   */
+  unclaimedPaths(): ReadonlySet<string> {
+    return this.#unclaimedPaths;
   }
 
   /** What the daemon serves now, by export name. */
@@ -200,6 +211,7 @@ export class QemuStorageDaemon {
       if (this.#unclaimed.has(ids.id) && (await this.#liveExports(qmp)).has(ids.id)) {
         // Served since before exports.json was lost: the ids prove name and configuration.
         this.#unclaimed.delete(ids.id);
+        this.#unclaimedPaths.delete(config.path);
         this.#records.set(name, { ...ids, fingerprint, config, state: 'served' });
         await this.#persist();
         log.info({ id: ids.id }, 'adopted a served export that exports.json had lost');
@@ -519,8 +531,17 @@ export class QemuStorageDaemon {
       this.#logger.warn({ id }, 'removing an export of ours that no record names');
       await this.#deleteExport(qmp, id, true);
     }
+    this.#unclaimedPaths = new Set();
     if (this.#unclaimed.size > 0) {
       this.#unclaimedUntil = performance.now() + UNCLAIMED_ADOPTION_WINDOW_MS;
+      const nodes = await this.#execute<{ 'node-name': string; file?: string }[]>(
+        qmp,
+        'query-named-block-nodes',
+        { flat: true },
+      );
+      for (const node of nodes)
+        if ([...this.#unclaimed].some((id) => node['node-name'] === `${id}-f`) && node.file)
+          this.#unclaimedPaths.add(node.file);
       this.#logger.warn(
         { ids: [...this.#unclaimed], windowMs: UNCLAIMED_ADOPTION_WINDOW_MS },
         'exports.json was lost: keeping the exports it named for their resources to claim again',
@@ -645,6 +666,7 @@ export class QemuStorageDaemon {
         );
     }
     this.#unclaimed.clear();
+    this.#unclaimedPaths.clear();
   }
 
   /** SIGTERM, then SIGKILL when it has not exited within the timeout. */
