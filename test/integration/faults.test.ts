@@ -237,6 +237,14 @@ describe('faults of servers, the controller and its state files', () => {
         signal(daemon, 'SIGKILL');
         // A cut client must fail, never report a write that did not happen.
         expect((await transfer.finish()).exitCode).not.toBe(0);
+        // The controller must notice, not wait for each export's next periodic check (60 s).
+        await waitFor('the controller to reconcile every export after the daemon came back', async () =>
+          /qemu-storage-daemon (is gone|was started again); reconciling every export/.test(
+            await latestLog(node),
+          )
+            ? true
+            : undefined,
+        );
         await waitFor('q-a served again', async () => ((await isServed(uriA)) ? true : undefined));
         expect(await qemuDaemon(node)).not.toBe(daemon);
       } finally {
@@ -392,9 +400,11 @@ describe('faults of servers, the controller and its state files', () => {
       await rm(node.stateDir, { recursive: true, force: true });
       await node.stop('SIGKILL');
       await node.start();
+      // Right after the restart the statuses still say what the last controller saw: wait for
+      // the exports themselves, re-added from conf.d and exports.json rebuilt from scratch.
       for (const name of ['raw-a', 'q-a', 'raw-d', 'q-d']) {
-        const ready = await node.waitForReady(name);
-        expect(await isServed(node.uri(ready))).toBe(true);
+        const uri = node.uri(await node.waitForReady(name));
+        await waitFor(`${name} served again`, async () => ((await isServed(uri)) ? true : undefined));
       }
       await expectHolds(node.uri(await node.waitForReady('raw-a')), rawData, check());
       await expectHolds(node.uri(await node.waitForReady('q-a')), qcowData, check());

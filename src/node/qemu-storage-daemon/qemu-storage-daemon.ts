@@ -67,6 +67,8 @@ export interface QemuStorageDaemonStatus {
   pid?: number;
   /** This instance found the daemon running rather than starting it. */
   adopted: boolean;
+  /** Daemons this instance has spawned: each new one serves nothing until exports are added again. */
+  starts: number;
 }
 
 interface BlockExportInfo {
@@ -104,6 +106,7 @@ export class QemuStorageDaemon {
   #qmp: QmpClient | undefined;
   #pid: number | undefined;
   #adopted = false;
+  #starts = 0;
   #records = new Map<string, ExportRecord>();
   /**
    * Live exports of ours that no record names, kept (not removed) after exports.json was lost
@@ -147,7 +150,12 @@ export class QemuStorageDaemon {
 
   status(): QemuStorageDaemonStatus {
     const running = this.#qmp !== undefined && !this.#qmp.closed;
-    return { running, ...(this.#pid === undefined ? {} : { pid: this.#pid }), adopted: this.#adopted };
+    return {
+      running,
+      ...(this.#pid === undefined ? {} : { pid: this.#pid }),
+      adopted: this.#adopted,
+      starts: this.#starts,
+    };
   }
 
   /**
@@ -423,6 +431,7 @@ export class QemuStorageDaemon {
     } else {
       ({ qmp, pid: this.#pid } = await this.#spawn());
       this.#adopted = false;
+      this.#starts++;
     }
     this.#qmp = qmp;
     qmp.onClose(() => {
