@@ -147,6 +147,7 @@ const STEP_MESSAGES = new Set([
   'image created',
   'nbd-server export configured',
   'qemu-storage-daemon export added',
+  'export ready',
 ]);
 
 /** The log of the controller process started last. */
@@ -293,7 +294,7 @@ describe('faults of servers, the controller and its state files', () => {
       // Delays after the change reaches the directory: from before the source has read it,
       // through ledger intent, qemu-img create, publish, conf.d write, hand-over and QMP adds,
       // to the probe and the status write.
-      const delays = [0, 150, 400, 800, 1_500, 3_000];
+      const delays = [0, 60, 120, 200, 300, 450, 700, 1_500];
       const reached = new Set<string>();
       for (const [i, delay] of delays.entries()) {
         const before = (await latestLog(node)).length;
