@@ -62,15 +62,19 @@ class HeldConnections {
   readonly #sockets = new Set<Socket>();
   #stopped = false;
 
-  constructor(
-    readonly port: number,
-    readonly idle: number,
-    readonly hostile: number,
-  ) {}
+  readonly #port: number;
+  readonly #idle: number;
+  readonly #hostile: number;
+
+  constructor(port: number, idle: number, hostile: number) {
+    this.#port = port;
+    this.#idle = idle;
+    this.#hostile = hostile;
+  }
 
   start(): void {
-    for (let i = 0; i < this.idle; i++) this.#open('idle');
-    for (let i = 0; i < this.hostile; i++) this.#open(i % 2 === 0 ? 'half-option' : 'garbage');
+    for (let i = 0; i < this.#idle; i++) this.#open('idle');
+    for (let i = 0; i < this.#hostile; i++) this.#open(i % 2 === 0 ? 'half-option' : 'garbage');
   }
 
   get count(): number {
@@ -85,7 +89,7 @@ class HeldConnections {
 
   #open(kind: 'idle' | 'half-option' | 'garbage'): void {
     if (this.#stopped) return;
-    const socket = connect({ host: '127.0.0.1', port: this.port });
+    const socket = connect({ host: '127.0.0.1', port: this.#port });
     this.#sockets.add(socket);
     socket.on('error', () => undefined);
     socket.once('data', () => {
@@ -178,8 +182,16 @@ try {
   }
 
   // The last set must still converge: a soak that left the controller wedged is no pass.
-  const lastSet = [...live.keys()];
-  for (const index of lastSet) await node.waitForReady(`soak-${index}`, 'True', undefined, 120_000);
+  let converged = true;
+  let notConverged = '';
+  for (const index of live.keys())
+    try {
+      await node.waitForReady(`soak-${index}`, 'True', undefined, 120_000);
+    } catch (error) {
+      converged = false;
+      notConverged = error instanceof Error ? error.message.split('\n').slice(0, 2).join(' ') : String(error);
+      break;
+    }
 
   const rssLevel = levelledOff(
     samples.map((s) => s.rssMiB),
@@ -189,19 +201,19 @@ try {
     samples.map((s) => s.openFds),
     () => FD_MARGIN,
   );
-  verdict = rssLevel && fdLevel;
+  verdict = rssLevel && fdLevel && converged;
   const first = samples[0];
   const last = samples.at(-1);
   console.log(
     `\n${operations} operations in ${seconds} s; RSS ${first?.rssMiB} → ${last?.rssMiB} MiB (peak ${Math.max(...samples.map((s) => s.rssMiB))}), fds ${first?.openFds} → ${last?.openFds} (peak ${Math.max(...samples.map((s) => s.openFds))})`,
   );
   console.log(
-    `RSS growth levelled off: ${rssLevel ? 'yes' : 'NO'}; fds levelled off: ${fdLevel ? 'yes' : 'NO'}`,
+    `RSS growth levelled off: ${rssLevel ? 'yes' : 'NO'}; fds levelled off: ${fdLevel ? 'yes' : 'NO'}; the last set converged: ${converged ? 'yes' : `NO (${notConverged})`}`,
   );
   await mkdir(dirname(jsonPath), { recursive: true });
   await writeFile(
     jsonPath,
-    `${JSON.stringify({ seconds, operations, rssLevelledOff: rssLevel, fdsLevelledOff: fdLevel, samples }, null, 2)}\n`,
+    `${JSON.stringify({ seconds, operations, rssLevelledOff: rssLevel, fdsLevelledOff: fdLevel, converged, samples }, null, 2)}\n`,
   );
   console.log(`samples written to ${jsonPath}`);
 } finally {

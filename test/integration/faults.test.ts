@@ -8,6 +8,7 @@
  * under the node's directory, used as the state directory and as the allowed root.
  */
 import { readdir, readFile, rm, stat, writeFile, open } from 'node:fs/promises';
+import { connect, type Socket } from 'node:net';
 import { join } from 'node:path';
 import { execa } from 'execa';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -270,6 +271,35 @@ describe('faults of servers, the controller and its state files', () => {
     }
     await expectHolds(node.uri(await node.waitForReady('raw-a')), rawData, check());
   });
+
+  fault(
+    'idle and hostile connections that never negotiate do not keep nbd-server from its hand-over',
+    async () => {
+      // nbd-server forks a child per connection, and 3.24's child keeps the listening socket
+      // until its client has negotiated: these would keep the port bound after the parent dies.
+      const held: Socket[] = [];
+      try {
+        for (let i = 0; i < 4; i++) {
+          const socket = connect({ host: '127.0.0.1', port: node.nbdPort });
+          socket.on('error', () => undefined);
+          if (i % 2 === 1)
+            socket.once('data', () => socket.write(Buffer.from('0000000349484156454f5054', 'hex')));
+          held.push(socket);
+        }
+        const parent = await waitFor('the nbd-server parent', () => nbdServerParent(node));
+        await waitFor('a child per held connection', () =>
+          serverPids(node, 'nbd-server').filter((pid) => pid !== parent).length >= 4 ? true : undefined,
+        );
+        await put('raw-e', raw(join(node.images, 'raw-e.raw'), '4Mi'));
+        const e = await node.waitForReady('raw-e');
+        expect(await isServed(node.uri(e))).toBe(true);
+        expect(await nbdServerParent(node)).not.toBe(parent);
+      } finally {
+        for (const socket of held) socket.destroy();
+      }
+      await expectHolds(node.uri(await node.waitForReady('raw-a')), rawData, check());
+    },
+  );
 
   fault('SIGSTOP of qemu-storage-daemon: a change waits, converges after SIGCONT, nothing lost', async () => {
     const daemon = await waitFor('qemu-storage-daemon', () => qemuDaemon(node));

@@ -45,6 +45,8 @@ import {
   isServerProcess,
   listenersOn,
   listServerProcesses,
+  listeningSocketsOnPort,
+  serverProcessesHolding,
 } from './server-processes.js';
 
 export interface NbdServerSupervisorOptions {
@@ -86,6 +88,8 @@ type AppliedListener = (changedExportNames: string[]) => void;
 
 const LOG_LIMIT = 1 << 20;
 const CHILD_GRACE_MS = 3_000;
+/** How long a child that holds the old listening socket may take to close it before it is ended. */
+const NEGOTIATING_GRACE_MS = 300;
 /** Retrying a failed start: 1 s, doubling, at most 30 s; exact (one supervisor per node, nothing to spread). */
 const RESTART_BACKOFF = { baseMs: 1_000, maxMs: 30_000, jitter: 0 };
 
@@ -509,6 +513,9 @@ export class NbdServerSupervisor {
       } catch (error) {
         if (!(error instanceof NbdServerError && error.diedAfterDaemonizing) || attempt >= 3) throw error;
         this.#log.warn({ attempt, err: error }, 'new nbd-server parent died at once; trying again');
+        // Its bind failed: children of an earlier parent whose clients never negotiated may
+        // still hold the port (the parent died without our hand-over, or before this fix).
+        await this.#endNegotiatingHolders(await listeningSocketsOnPort(this.port));
         await sleep(50 * attempt);
       }
     }
@@ -654,17 +661,49 @@ export class NbdServerSupervisor {
     const exitedAt = performance.now();
     const heldOpen = await anyStillListening(sockets, this.port);
     if (heldOpen) {
-      // Not an error when it lasts: the new parent's bind then fails, and the launch is retried.
-      await pollUntil(async () => !(await anyStillListening(sockets, this.port)), {
-        timeoutMs: 2_000,
-        intervalMs: 0,
-        what: `the listening socket of nbd-server parent ${pid} to close`,
-      });
+      const closed = (timeoutMs: number) =>
+        pollUntil(async () => !(await anyStillListening(sockets, this.port)), {
+          timeoutMs,
+          intervalMs: 0,
+          what: `the listening socket of nbd-server parent ${pid} to close`,
+        });
+      // A child forked an instant before closes its copy at once; one whose client never
+      // negotiates keeps it for as long as the client stays (idle or hostile connections
+      // took raw exports down for good). Such a child serves no export yet (it has no file
+      // open): it is ended, and its client must connect again, as after any hand-over.
+      if (!(await closed(NEGOTIATING_GRACE_MS))) {
+        await this.#endNegotiatingHolders(sockets);
+        // Not an error when it lasts: the new parent's bind then fails, and the launch is retried.
+        await closed(2_000);
+      }
       this.#log.debug(
         { pid, ms: Math.round(performance.now() - exitedAt) },
         'the listening socket outlived the parent (a child forked an instant before held it)',
       );
     }
+  }
+
+  /**
+   * Ends this config's children that hold one of these listening sockets and serve no export
+   * (no file open): clients that never finished negotiating, which nbd-server 3.24 lets keep
+   * the listening socket. Returns how many.
+   */
+  async #endNegotiatingHolders(sockets: ReadonlySet<string>): Promise<number> {
+    const negotiating = (await serverProcessesHolding(sockets, this.configPath)).filter(
+      (child) => child.pid !== this.#pid && child.paths.length === 0,
+    );
+    if (negotiating.length === 0) return 0;
+    this.#log.warn(
+      { pids: negotiating.map((c) => c.pid) },
+      'ending clients that never finished negotiating: they hold the listening socket',
+    );
+    for (const child of negotiating)
+      try {
+        if (isServerProcess(child.pid, this.configPath)) process.kill(child.pid, 'SIGKILL');
+      } catch {
+        // Gone meanwhile.
+      }
+    return negotiating.length;
   }
 
   /** SIGTERM, a grace period, SIGKILL; waits until they have exited. */

@@ -86,7 +86,7 @@ export function listeningInodes(procNetTcp: string, port: number): Set<string> {
 }
 
 /** The inodes of every socket listening on TCP `port`, IPv4 and IPv6. */
-async function allListeningInodes(port: number): Promise<Set<string>> {
+export async function listeningSocketsOnPort(port: number): Promise<Set<string>> {
   const inodes = new Set<string>();
   for (const table of ['/proc/net/tcp', '/proc/net/tcp6'])
     for (const inode of listeningInodes(await readFile(table, 'utf8').catch(() => ''), port))
@@ -98,7 +98,7 @@ async function allListeningInodes(port: number): Promise<Set<string>> {
 export async function listeningSocketsOf(pid: number, port: number): Promise<Set<string>> {
   const own = await socketInodesOf(pid);
   if (own.size === 0) return own;
-  return new Set([...(await allListeningInodes(port))].filter((inode) => own.has(inode)));
+  return new Set([...(await listeningSocketsOnPort(port))].filter((inode) => own.has(inode)));
 }
 
 /** Whether `pid` holds a socket listening on TCP `port`. */
@@ -113,13 +113,29 @@ export async function isListeningOn(pid: number, port: number): Promise<boolean>
  */
 export async function anyStillListening(inodes: ReadonlySet<string>, port: number): Promise<boolean> {
   if (inodes.size === 0) return false;
-  for (const inode of await allListeningInodes(port)) if (inodes.has(inode)) return true;
+  for (const inode of await listeningSocketsOnPort(port)) if (inodes.has(inode)) return true;
   return false;
+}
+
+/**
+ * This config's nbd-server processes that hold one of these socket inodes. After the parent
+ * is gone, they are children that still hold its listening socket: nbd-server 3.24 closes a
+ * child's copy only once the client has finished negotiating, so a client that connects and
+ * never negotiates keeps the port bound and every new parent's bind fails.
+ */
+export async function serverProcessesHolding(
+  inodes: ReadonlySet<string>,
+  configPath: string,
+): Promise<ServerProcess[]> {
+  const holders: ServerProcess[] = [];
+  for (const process of await listServerProcesses(configPath))
+    if ([...(await socketInodesOf(process.pid))].some((inode) => inodes.has(inode))) holders.push(process);
+  return holders;
 }
 
 /** Pids of whatever listens on TCP `port` (for an error message when the port is taken). */
 export async function listenersOn(port: number): Promise<string[]> {
-  const inodes = await allListeningInodes(port);
+  const inodes = await listeningSocketsOnPort(port);
   if (inodes.size === 0) return [];
   const owners: string[] = [];
   for (const pid of allPids())

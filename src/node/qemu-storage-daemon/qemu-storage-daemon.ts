@@ -680,7 +680,7 @@ export class QemuStorageDaemon {
 
   /** SIGTERM, then SIGKILL when it has not exited within the timeout. */
   async #terminate(pid: number): Promise<void> {
-    process.kill(pid, 'SIGTERM');
+    if (!signalIfRunning(pid, 'SIGTERM')) return;
     const exited = await waitUntil(() => !isRunning(pid), {
       timeoutMs: this.#timeoutMs,
       what: `qemu-storage-daemon (pid ${pid}) to exit`,
@@ -688,8 +688,7 @@ export class QemuStorageDaemon {
       () => true,
       () => false,
     );
-    if (exited) return;
-    process.kill(pid, 'SIGKILL');
+    if (exited || !signalIfRunning(pid, 'SIGKILL')) return;
     await waitUntil(() => !isRunning(pid), {
       timeoutMs: 10_000,
       what: `qemu-storage-daemon (pid ${pid}) to die`,
@@ -713,6 +712,17 @@ export class QemuStorageDaemon {
     const program = basename(argv[0] ?? '');
     const socketOption = `path=${qemuOptionValue(this.#socketPath)},`;
     return program.startsWith('qemu-storage-daemon') && argv.some((arg) => arg.includes(socketOption));
+  }
+}
+
+/** Sends the signal; false when the process had already gone. */
+function signalIfRunning(pid: number, signal: NodeJS.Signals): boolean {
+  try {
+    process.kill(pid, signal);
+    return true;
+  } catch (error) {
+    if ((error as NodeJS.ErrnoException).code === 'ESRCH') return false;
+    throw error;
   }
 }
 
