@@ -324,7 +324,7 @@ describe('faults of servers, the controller and its state files', () => {
       // Delays after the change reaches the directory: from before the source has read it,
       // through ledger intent, qemu-img create, publish, conf.d write, hand-over and QMP adds,
       // to the probe and the status write.
-      const delays = [0, 60, 120, 200, 300, 450, 700, 1_500];
+      const delays = [0, 20, 40, 60, 80, 100, 130, 160, 250, 1_000];
       const reached = new Set<string>();
       for (const [i, delay] of delays.entries()) {
         const before = (await latestLog(node)).length;
