@@ -124,13 +124,22 @@ export class Controller {
    * adds back what it should serve.
    */
   #qemuWasRunning = true;
+  #qemuStarts: number | undefined;
   #checkQemu(): void {
-    const running = this.#options.services.qemu.status().running;
-    if (this.#qemuWasRunning && !running) {
-      this.#options.logger.warn('qemu-storage-daemon is gone; reconciling every export');
+    const { running, starts } = this.#options.services.qemu.status();
+    // Any call that talks to the daemon restarts a dead one at once, so between two checks it
+    // may have died and come back empty: a new start counts as much as a death seen.
+    const restarted = this.#qemuStarts !== undefined && starts !== this.#qemuStarts;
+    if ((this.#qemuWasRunning && !running) || restarted) {
+      this.#options.logger.warn(
+        restarted
+          ? 'qemu-storage-daemon was started again; reconciling every export'
+          : 'qemu-storage-daemon is gone; reconciling every export',
+      );
       this.#enqueueAll();
     }
     this.#qemuWasRunning = running;
+    this.#qemuStarts = starts;
   }
 
   #enqueueAll(): void {

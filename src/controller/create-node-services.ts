@@ -10,15 +10,25 @@ import { NbdServerSupervisor } from '../node/nbd-server/nbd-server-supervisor.js
 import { OwnershipLedger } from '../node/ownership-ledger.js';
 import { ChecksumJobs } from '../node/checksum-jobs.js';
 import { inspectImageChain } from '../node/image-header/inspect-image-chain.js';
-import { createImage, probeImageLock, removeStaleTemporaryImages } from '../node/qemu-img.js';
+import {
+  createImage,
+  probeImageLock,
+  removeStaleTemporaryImages,
+  stopOrphanedCreates,
+} from '../node/qemu-img.js';
 import { createBackingGate, judgeImageChain, type ImageJudgeRequest } from '../plan/image-header.js';
 import type { ImageObservation } from '../plan/observed-state.js';
 import { QemuStorageDaemon } from '../node/qemu-storage-daemon/qemu-storage-daemon.js';
 import { resolvePath } from '../node/resolve-path.js';
+import { corruptStateFilesMovedAside } from '../node/corrupt-state-file.js';
+import { StateDirectoryHealth } from '../node/state-directory-health.js';
 import type { ExportFigures, ServerFigures } from './metrics/controller-metrics.js';
 import { collectExportFigures } from './metrics/export-figures.js';
 import { readProcessIo, type ProcessIo } from './metrics/process-io.js';
 import type { NodeServices } from './node-services.js';
+
+/** How often the state directory's condition is checked for /metrics. */
+const STATE_DIRECTORY_CHECK_MS = 5_000;
 
 export interface NodeServicesOptions {
   stateDir: string;
@@ -41,7 +51,13 @@ export interface StartedNodeServices extends NodeServices {
 
 export async function createNodeServices(options: NodeServicesOptions): Promise<StartedNodeServices> {
   const { stateDir, logger } = options;
-  const ledger = new OwnershipLedger(join(stateDir, 'ledger'));
+  // Checked first (a missing directory is created again), then every few seconds for /metrics.
+  // Whatever it finds, the controller starts: what cannot be written fails in the actions that
+  // write it, which the resources' status shows, and heals when the condition clears.
+  const stateDirectory = new StateDirectoryHealth(stateDir, logger);
+  await stateDirectory.check();
+  stateDirectory.startChecking(STATE_DIRECTORY_CHECK_MS);
+  const ledger = new OwnershipLedger(join(stateDir, 'ledger'), { logger });
   await ledger.load();
   await removeTemporaryImagesOfLedger(ledger, logger);
 
@@ -57,7 +73,13 @@ export async function createNodeServices(options: NodeServicesOptions): Promise<
     port: options.qemuPort,
     logger,
   });
-  await Promise.all([nbdServer.start(), qemu.start()]);
+  await nbdServer.start(); // never throws: a failure is retried by its watchdog
+  // A daemon that cannot start now is started again by the first export that needs it.
+  await qemu
+    .start()
+    .catch((error: unknown) =>
+      logger.error({ err: error }, 'could not start or adopt qemu-storage-daemon; will retry on demand'),
+    );
 
   const checksums = new ChecksumJobs({ logger });
   return {
@@ -67,8 +89,18 @@ export async function createNodeServices(options: NodeServicesOptions): Promise<
     checksums,
     images: {
       inspect: (path, request) => inspectAndJudge(path, request),
-      probeLock: probeImageLock,
+      // An export qemu-storage-daemon still serves, waiting to be claimed again after its
+      // exports.json was lost, holds its image's lock: that is us, not a foreign writer.
+      probeLock: (path) =>
+        qemu.unclaimedPaths().has(path) ? Promise.resolve({ locked: false }) : probeImageLock(path),
       async create(request, beforePublish) {
+        // createImage does this too; here it is logged: a controller killed mid-create left it.
+        const stopped = await stopOrphanedCreates(dirname(request.path), { image: request.path });
+        if (stopped.length > 0)
+          logger.warn(
+            { path: request.path, pids: stopped },
+            'killed an orphaned qemu-img creating this image',
+          );
         await createImage(request, { beforePublish });
       },
       async makeParentDirectories(path) {
@@ -88,6 +120,7 @@ export async function createNodeServices(options: NodeServicesOptions): Promise<
     resolvePath,
     probe: probeExport,
     async detach() {
+      stateDirectory.stop();
       checksums.stop();
       await Promise.all([nbdServer.detach(), qemu.detach()]);
     },
@@ -103,6 +136,10 @@ export async function createNodeServices(options: NodeServicesOptions): Promise<
         },
         qemuStorageDaemon: { running: qemu.status().running },
         ownedExports: ledger.all().length,
+        stateDirectory: {
+          condition: stateDirectory.condition(),
+          corruptFilesMovedAside: corruptStateFilesMovedAside(),
+        },
       };
     },
     qemuStorageDaemonIo() {
@@ -145,7 +182,16 @@ async function removeTemporaryImagesOfLedger(ledger: OwnershipLedger, logger: Lo
     ledger.all().flatMap((r) => (r.createdImage ? [dirname(r.createdImage.path)] : [])),
   );
   for (const directory of directories) {
-    const removed = await removeStaleTemporaryImages(directory).catch(() => []);
+    const stopped = await stopOrphanedCreates(directory).catch((error: unknown) => {
+      logger.warn({ directory, err: error }, 'could not stop orphaned qemu-img creates');
+      return [];
+    });
+    if (stopped.length > 0)
+      logger.warn({ directory, pids: stopped }, 'killed orphaned qemu-img creates of a killed controller');
+    const removed = await removeStaleTemporaryImages(directory).catch((error: unknown) => {
+      logger.warn({ directory, err: error }, 'could not clean up temporary images');
+      return [];
+    });
     for (const path of removed)
       logger.info({ path }, 'removed a temporary image left by an interrupted creation');
   }

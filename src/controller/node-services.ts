@@ -35,7 +35,11 @@ export interface QemuServerControl {
   exports(): Promise<ReadonlyMap<string, { fingerprint: string; config: ExportConfig }>>;
   addExport(config: ExportConfig): Promise<void>;
   removeExport(exportName: string, options: { force: boolean }): Promise<void>;
-  status(): { running: boolean };
+  /**
+   * `starts`: daemons this instance has spawned. A new daemon serves nothing, whoever's call
+   * started it; a change of this count means every export must be added again.
+   */
+  status(): { running: boolean; starts?: number };
 }
 
 export type CreateImageRequest = Omit<Extract<Action, { kind: 'createImage' }>, 'kind'>;

@@ -6,8 +6,10 @@
  */
 import { mkdir, readdir, readFile, rm } from 'node:fs/promises';
 import { join } from 'node:path';
+import { pino, type Logger } from 'pino';
 import type { LedgerEntry as OwnershipRecord } from '../plan/observed-state.js';
 import { removeTemporaryFiles, writeFileAtomic } from '../shared/atomic-file.js';
+import { moveCorruptStateFileAside } from './corrupt-state-file.js';
 
 const UID_PATTERN = /^[A-Za-z0-9-]{1,64}$/;
 
@@ -15,20 +17,55 @@ export class OwnershipLedger {
   readonly #dir: string;
   readonly #records = new Map<string, OwnershipRecord>();
 
-  /** @param dir directory of one JSON file per UID; created when missing. */
-  constructor(dir: string) {
+  readonly #logger: Logger;
+
+  /**
+   * @param dir directory of one JSON file per UID; created when missing.
+   * @param options.logger where a corrupt record is reported (default: silent).
+   */
+  constructor(dir: string, options: { logger?: Logger } = {}) {
     this.#dir = dir;
+    this.#logger = (options.logger ?? pino({ level: 'silent' })).child({ component: 'ledger' });
   }
 
+  /**
+   * Reads every record. A record that does not parse is moved aside (never deleted) and
+   * skipped: the reconciles claim their exports again, and an image it named as created is
+   * then never deleted, which is the safe side. A directory that cannot be created or read
+   * (read-only or missing file system) leaves the ledger empty rather than stopping the
+   * controller; writes then fail, and those failures reach the resources' status.
+   */
   async load(): Promise<void> {
-    await mkdir(this.#dir, { recursive: true });
-    await removeTemporaryFiles(this.#dir); // left by a write the controller did not live to finish
     this.#records.clear();
-    for (const name of await readdir(this.#dir)) {
+    try {
+      await mkdir(this.#dir, { recursive: true });
+      await removeTemporaryFiles(this.#dir); // left by a write the controller did not live to finish
+    } catch (error) {
+      this.#logger.error({ dir: this.#dir, err: error }, 'could not prepare the ledger directory');
+    }
+    let names: string[];
+    try {
+      names = await readdir(this.#dir);
+    } catch (error) {
+      this.#logger.error({ dir: this.#dir, err: error }, 'could not read the ledger; starting empty');
+      return;
+    }
+    for (const name of names) {
       if (!name.endsWith('.json')) continue;
-      const record = JSON.parse(await readFile(join(this.#dir, name), 'utf8')) as OwnershipRecord;
-      if (typeof record.uid === 'string' && UID_PATTERN.test(record.uid))
-        this.#records.set(record.uid, record);
+      const path = join(this.#dir, name);
+      let record: Partial<OwnershipRecord> | null;
+      try {
+        record = JSON.parse(await readFile(path, 'utf8')) as Partial<OwnershipRecord> | null;
+      } catch (error) {
+        if ((error as NodeJS.ErrnoException).code === 'ENOENT') continue;
+        await moveCorruptStateFileAside(path, error, this.#logger);
+        continue;
+      }
+      if (!isRecordOf(record, name)) {
+        await moveCorruptStateFileAside(path, 'not a ledger record for its file name', this.#logger);
+        continue;
+      }
+      this.#records.set(record.uid, record);
     }
   }
 
@@ -54,6 +91,8 @@ export class OwnershipLedger {
   }
 
   async #write(record: OwnershipRecord): Promise<void> {
+    // The directory may have been deleted under us: recreate it (a no-op when present).
+    await mkdir(this.#dir, { recursive: true });
     await writeFileAtomic(join(this.#dir, `${record.uid}.json`), `${JSON.stringify(record, null, 2)}\n`);
     this.#records.set(record.uid, record);
   }
@@ -103,4 +142,16 @@ export class OwnershipLedger {
     await rm(join(this.#dir, `${uid}.json`), { force: true });
     this.#records.delete(uid);
   }
+}
+
+/** A parsed record is usable when it names its own UID (the file's name) and a key. */
+function isRecordOf(record: Partial<OwnershipRecord> | null, fileName: string): record is OwnershipRecord {
+  return (
+    typeof record === 'object' &&
+    record !== null &&
+    typeof record.uid === 'string' &&
+    UID_PATTERN.test(record.uid) &&
+    fileName === `${record.uid}.json` &&
+    typeof record.key === 'string'
+  );
 }

@@ -13,6 +13,8 @@ import { basename, dirname, isAbsolute, join } from 'node:path';
 import type { ImageFormat } from '../api/types.js';
 import type { LockObservation } from '../plan/observed-state.js';
 import type { RunOptions } from './process/run-command.js';
+import { commandLineOf, findProcesses, isRunning, parentOf } from './process/proc-scan.js';
+import { waitUntil } from './process/wait-until.js';
 import { QemuCommandError, runCommand, type CommandRunner } from './qemu-error.js';
 
 export interface CreateImageRequest {
@@ -95,6 +97,9 @@ export function createQemuImg(options: QemuImgOptions = {}): QemuImg {
     if (await exists(path)) throw new ImageExistsError(path);
 
     const directory = dirname(path);
+    // A controller killed mid-create leaves its qemu-img running (preallocating, perhaps for
+    // hours); a second one for the same image would do the work twice and race it.
+    await stopOrphanedCreates(directory, { image: path });
     const temporary = join(directory, `.${basename(path)}.nbdx-tmp-${randomBytes(6).toString('hex')}`);
     const args = [
       'create',
@@ -153,8 +158,54 @@ export function isTemporaryImageName(name: string): boolean {
   return TEMP_PATTERN.test(name);
 }
 
-/** Removes createImage's leftover temporaries (only those) from a directory; returns their paths. */
+/**
+ * Ends `qemu-img create` processes that a killed controller left writing one of createImage's
+ * temporaries in `directory` (only for `image`, when given): their command line names the
+ * temporary. Creates started by this process are left alone. SIGKILL (qemu-img holds nothing
+ * worth flushing: its half-made temporary is removed next), then waits until each has exited,
+ * so that the temporary can be removed and is not written again. Returns the pids stopped.
+ */
+export async function stopOrphanedCreates(
+  directory: string,
+  options: { image?: string } = {},
+): Promise<number[]> {
+  const prefix = options.image === undefined ? undefined : `.${basename(options.image)}.nbdx-tmp-`;
+  const isOrphanedCreate = (argv: readonly string[], pid: number) =>
+    basename(argv[0] ?? '') === 'qemu-img' &&
+    argv[1] === 'create' &&
+    parentOf(pid) !== process.pid &&
+    argv.some(
+      (arg) =>
+        isAbsolute(arg) &&
+        dirname(arg) === directory &&
+        isTemporaryImageName(basename(arg)) &&
+        (prefix === undefined || basename(arg).startsWith(prefix)),
+    );
+  const pids = findProcesses(isOrphanedCreate);
+  for (const pid of pids) {
+    // Checked again just before the signal: the pid must still be that qemu-img.
+    const argv = commandLineOf(pid);
+    if (argv === undefined || !isOrphanedCreate(argv, pid)) continue;
+    try {
+      process.kill(pid, 'SIGKILL');
+    } catch {
+      // Gone meanwhile.
+    }
+  }
+  if (pids.length > 0)
+    await waitUntil(() => pids.every((pid) => !isRunning(pid)), {
+      timeoutMs: 10_000,
+      what: `orphaned qemu-img create processes ${pids.join(', ')} to exit`,
+    });
+  return pids;
+}
+
+/**
+ * Removes createImage's leftover temporaries (only those) from a directory; returns their
+ * paths. An orphaned qemu-img still writing one is stopped first.
+ */
 export async function removeStaleTemporaryImages(directory: string): Promise<string[]> {
+  await stopOrphanedCreates(directory);
   const removed: string[] = [];
   for (const entry of await readdir(directory, { withFileTypes: true })) {
     if (!entry.isFile() || !isTemporaryImageName(entry.name)) continue;

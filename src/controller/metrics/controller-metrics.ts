@@ -30,7 +30,16 @@ export interface ServerFigures {
   qemuStorageDaemon: { running: boolean };
   /** Resources this node serves or cleans up (the ownership ledger). */
   ownedExports: number;
+  /** Whether the state directory can hold the controller's state (absent: not checked). */
+  stateDirectory?: {
+    condition: StateDirectoryCondition;
+    /** Corrupt state files moved aside (`<name>.corrupt-<time>`) since the controller started. */
+    corruptFilesMovedAside: number;
+  };
 }
+
+export type StateDirectoryCondition = 'ok' | 'missing' | 'read_only' | 'full' | 'error';
+const STATE_DIRECTORY_CONDITIONS: StateDirectoryCondition[] = ['ok', 'missing', 'read_only', 'full', 'error'];
 
 /** One export this node serves, with what its server can tell about it. */
 export interface ExportFigures {
@@ -278,6 +287,25 @@ export class ControllerMetrics implements ReconcileRecorder {
       'nbdx_owned_exports',
       'Resources this node serves or cleans up (entries of the ownership ledger)',
       () => sources.servers().ownedExports,
+    );
+    new Gauge({
+      name: 'nbdx_state_directory_condition',
+      help: "The state directory's condition: 1 for the current one of ok, missing, read_only, full, error (checked every few seconds; a missing directory is created again)",
+      labelNames: ['condition'],
+      registers,
+      collect() {
+        const state = sources.servers().stateDirectory;
+        this.reset();
+        if (state === undefined) return;
+        for (const condition of STATE_DIRECTORY_CONDITIONS)
+          this.set({ condition }, Number(state.condition === condition));
+      },
+    });
+    counter(
+      registers,
+      'nbdx_state_files_moved_aside_total',
+      'Corrupt state files (ledger records, exports.json, loaded.json) moved aside as <name>.corrupt-<time> and rebuilt',
+      () => sources.servers().stateDirectory?.corruptFilesMovedAside ?? 0,
     );
   }
 

@@ -9,8 +9,10 @@
  * and `connections()`/`disconnect()` must find them by name. An entry is dropped once
  * no nbd-server process holds its path open any more.
  */
+import type { Logger } from 'pino';
 import { readFileIfPresent } from '../../shared/read-file-if-present.js';
 import { writeFileAtomic } from '../../shared/atomic-file.js';
+import { moveCorruptStateFileAside } from '../corrupt-state-file.js';
 
 export interface LoadedExport {
   fingerprint: string;
@@ -34,11 +36,17 @@ export interface LoadedRecord {
 
 export const EMPTY_RECORD: LoadedRecord = { pid: null, startedAt: '', base: '', exports: {}, retired: {} };
 
-export async function readLoadedRecord(path: string): Promise<LoadedRecord> {
+/**
+ * The record at `path`; EMPTY_RECORD when there is none. A file that does not parse is moved
+ * aside (when a logger is given) and read as absent: the next apply restarts and rewrites it.
+ */
+export async function readLoadedRecord(path: string, logger?: Logger): Promise<LoadedRecord> {
   const text = await readFileIfPresent(path);
   if (text === undefined) return EMPTY_RECORD;
   try {
-    const value = JSON.parse(text) as Partial<LoadedRecord>;
+    const value = JSON.parse(text) as Partial<LoadedRecord> | null;
+    if (value === null || typeof value !== 'object' || Array.isArray(value))
+      throw new Error('not a JSON object');
     return {
       pid: typeof value.pid === 'number' ? value.pid : null,
       startedAt: typeof value.startedAt === 'string' ? value.startedAt : '',
@@ -46,8 +54,9 @@ export async function readLoadedRecord(path: string): Promise<LoadedRecord> {
       exports: isObject(value.exports) ? value.exports : {},
       retired: isObject(value.retired) ? value.retired : {},
     };
-  } catch {
+  } catch (error) {
     // Unreadable: as if absent; the next apply restarts and rewrites it.
+    if (logger) await moveCorruptStateFileAside(path, error, logger);
     return EMPTY_RECORD;
   }
 }

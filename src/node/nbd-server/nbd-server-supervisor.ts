@@ -129,6 +129,7 @@ export class NbdServerSupervisor {
   #retryAt = 0;
   #watchdog: NodeJS.Timeout | undefined;
   #stopped = false;
+  #healing = false;
   /** Serializes conf.d changes and hand-overs. */
   readonly #lock = new SerialLock();
   #timings: { killed?: number; launcherExited?: number } = {};
@@ -175,17 +176,30 @@ export class NbdServerSupervisor {
    */
   async start(): Promise<void> {
     this.#stopped = false;
-    await mkdir(this.dir, { recursive: true });
-    await this.#confDir.ensure();
+    try {
+      await this.#startOrAdopt();
+    } catch (error) {
+      // A state directory that is read-only, full or unreadable must not keep the controller
+      // from starting: the watchdog retries (with backoff) until the condition clears.
+      this.#failures++;
+      this.#retryAt = Date.now() + exponentialBackoff(this.#failures, RESTART_BACKOFF, Math.random);
+      this.#lastError = `could not start: ${error instanceof Error ? error.message : String(error)}`;
+      this.#log.error({ err: error }, 'could not start or adopt nbd-server; will retry');
+    }
+    this.#watchdog = setInterval(() => this.#watch(), this.#watchdogIntervalMs);
+    this.#watchdog.unref();
+  }
+
+  async #startOrAdopt(): Promise<void> {
+    await this.#ensureStateFiles();
     const removed = [
       ...(await removeTemporaryFiles(this.dir)),
       ...(await this.#confDir.removeTemporaryFiles()),
     ];
     if (removed.length > 0) this.#log.info({ files: removed }, 'removed leftover temporary files');
-    await this.#writeBaseConfig();
     this.#version = await this.#readVersion();
 
-    const record = await readLoadedRecord(this.loadedPath);
+    const record = await readLoadedRecord(this.loadedPath, this.#log);
     const adopted = await this.#findRunningParent();
     if (adopted !== null) {
       this.#pid = adopted;
@@ -212,8 +226,6 @@ export class NbdServerSupervisor {
       if (configured.size > 0 || this.#pid !== null) await this.#handOver('start').catch(() => undefined);
       else this.#log.info('no nbd-server exports configured; not starting nbd-server');
     }
-    this.#watchdog = setInterval(() => this.#watch(), this.#watchdogIntervalMs);
-    this.#watchdog.unref();
   }
 
   /**
@@ -384,7 +396,7 @@ export class NbdServerSupervisor {
         if (pids.length > 0) await this.#terminate(pids);
       }
       const inUse = await this.#pathsInUse();
-      await mkdir(this.dir, { recursive: true });
+      await this.#ensureStateFiles();
       await writeLoadedRecord(this.loadedPath, {
         pid: null,
         startedAt: '',
@@ -425,6 +437,8 @@ export class NbdServerSupervisor {
     const before = this.loaded();
     try {
       await this.#exclusive(async () => {
+        // The state directory may have been deleted or emptied: the new parent needs its config.
+        await this.#ensureStateFiles();
         const configured = await this.#confDir.read();
         const old = this.#pid;
         const started = Date.now();
@@ -510,6 +524,9 @@ export class NbdServerSupervisor {
       } catch (error) {
         if (!(error instanceof NbdServerError && error.diedAfterDaemonizing) || attempt >= 3) throw error;
         this.#log.warn({ attempt, err: error }, 'new nbd-server parent died at once; trying again');
+        // Its bind failed: children of an earlier parent whose clients never negotiated may
+        // still hold the port (the parent died without our hand-over, or before this fix).
+        await this.#killNegotiatingChildren(this.#pid ?? 0);
         await sleep(50 * attempt);
       }
     }
@@ -743,6 +760,7 @@ export class NbdServerSupervisor {
     this.#reapStalledHandshakes().catch((error: unknown) =>
       this.#log.warn({ error: String(error) }, 'could not check for stalled handshakes'),
     );
+    void this.#healStateDirectory();
     if (this.#pid !== null && !this.#alive()) {
       const pid = this.#pid;
       this.#lastError = `nbd-server parent ${pid} died (killed, or crashed: it logs to syslog)`;
@@ -785,7 +803,11 @@ export class NbdServerSupervisor {
           { pid: candidate.pid, pidFile: fromFile },
           'found our nbd-server without a valid pid file',
         );
-        await writeFileAtomic(this.pidPath, `${candidate.pid}\n`);
+        // A deleted state directory loses the pid file: adopting (or stopping) must still work.
+        await mkdir(this.dir, { recursive: true });
+        await writeFileAtomic(this.pidPath, `${candidate.pid}\n`).catch((error: unknown) =>
+          this.#log.warn({ err: error }, 'could not rewrite the pid file'),
+        );
         return candidate.pid;
       }
     return null;
@@ -797,6 +819,42 @@ export class NbdServerSupervisor {
 
   async #pathsInUse(): Promise<Set<string>> {
     return new Set((await listServerProcesses(this.configPath)).flatMap((p) => p.paths));
+  }
+
+  /**
+   * The directories and the base config a parent needs. Run before every start and hand-over,
+   * so that a state directory deleted while running is rebuilt instead of every later start
+   * failing on a missing config file.
+   */
+  async #ensureStateFiles(): Promise<void> {
+    await mkdir(this.dir, { recursive: true });
+    await this.#confDir.ensure();
+    await this.#writeBaseConfig();
+  }
+
+  /**
+   * The watchdog's check of the state directory: when the base config has gone (the directory
+   * was deleted) it is rebuilt with the loaded record and pid file this instance still knows.
+   * The running parent keeps serving; each resource's next reconcile writes its conf.d file again.
+   */
+  async #healStateDirectory(): Promise<void> {
+    if (this.#healing) return;
+    this.#healing = true;
+    try {
+      if ((await stat(this.configPath).catch(() => undefined)) !== undefined) return;
+      this.#log.warn({ dir: this.dir }, 'the state directory lost its files; rebuilding them');
+      await this.#exclusive(async () => {
+        await this.#ensureStateFiles();
+        // What runs is still known here: write it down again, so a restarted controller adopts it.
+        await writeLoadedRecord(this.loadedPath, this.#record);
+        if (this.#pid !== null) await writeFileAtomic(this.pidPath, `${this.#pid}\n`);
+      });
+    } catch (error) {
+      this.#lastError = `could not rebuild the state directory: ${error instanceof Error ? error.message : String(error)}`;
+      this.#log.error({ dir: this.dir, err: error }, 'could not rebuild the state directory');
+    } finally {
+      this.#healing = false;
+    }
   }
 
   async #writeBaseConfig(): Promise<void> {

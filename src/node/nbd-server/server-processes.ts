@@ -86,7 +86,7 @@ export function listeningInodes(procNetTcp: string, port: number): Set<string> {
 }
 
 /** The inodes of every socket listening on TCP `port`, IPv4 and IPv6. */
-async function allListeningInodes(port: number): Promise<Set<string>> {
+export async function listeningSocketsOnPort(port: number): Promise<Set<string>> {
   const inodes = new Set<string>();
   for (const table of ['/proc/net/tcp', '/proc/net/tcp6'])
     for (const inode of listeningInodes(await readFile(table, 'utf8').catch(() => ''), port))
@@ -98,7 +98,7 @@ async function allListeningInodes(port: number): Promise<Set<string>> {
 export async function listeningSocketsOf(pid: number, port: number): Promise<Set<string>> {
   const own = await socketInodesOf(pid);
   if (own.size === 0) return own;
-  return new Set([...(await allListeningInodes(port))].filter((inode) => own.has(inode)));
+  return new Set([...(await listeningSocketsOnPort(port))].filter((inode) => own.has(inode)));
 }
 
 /** Whether `pid` holds a socket listening on TCP `port`. */
@@ -114,7 +114,7 @@ export async function isListeningOn(pid: number, port: number): Promise<boolean>
  * the handshake holds the port for as long as the client likes (nbd-server has no deadline).
  */
 export async function processesListeningOn(port: number, configPath: string): Promise<number[]> {
-  const inodes = await allListeningInodes(port);
+  const inodes = await listeningSocketsOnPort(port);
   if (inodes.size === 0) return [];
   const holders: number[] = [];
   for (const pid of findProcesses((argv, pid) => isRunning(pid) && isServerCommandLine(argv, configPath)))
@@ -128,7 +128,7 @@ export async function processesListeningOn(port: number, configPath: string): Pr
 
 /** Pids of whatever listens on TCP `port` (for an error message when the port is taken). */
 export async function listenersOn(port: number): Promise<string[]> {
-  const inodes = await allListeningInodes(port);
+  const inodes = await listeningSocketsOnPort(port);
   if (inodes.size === 0) return [];
   const owners: string[] = [];
   for (const pid of allPids())

@@ -65,12 +65,29 @@ export function exportIdsOf(exportName: string, fingerprint: string, backingDept
   };
 }
 
+/** exports.json exists but cannot be what writeExportState wrote (torn, truncated, overwritten). */
+export class CorruptExportStateError extends Error {
+  override name = 'CorruptExportStateError';
+}
+
+/** The recorded exports; empty when there is no file. @throws CorruptExportStateError */
 export async function readExportState(path: string): Promise<Map<string, ExportRecord>> {
   const text = await readFileIfPresent(path);
   if (text === undefined) return new Map();
-  const parsed = JSON.parse(text) as Partial<StateFile>;
-  if (parsed.version !== 1 || typeof parsed.exports !== 'object' || parsed.exports === null)
-    throw new Error(`${path}: not an export state file of version 1`);
+  let parsed: Partial<StateFile> | null;
+  try {
+    parsed = JSON.parse(text) as Partial<StateFile> | null;
+  } catch (error) {
+    throw new CorruptExportStateError(`${path}: not JSON`, { cause: error });
+  }
+  if (
+    typeof parsed !== 'object' ||
+    parsed === null ||
+    parsed.version !== 1 ||
+    typeof parsed.exports !== 'object' ||
+    parsed.exports === null
+  )
+    throw new CorruptExportStateError(`${path}: not an export state file of version 1`);
   return new Map(Object.entries(parsed.exports));
 }
 

@@ -9,7 +9,7 @@
  * removal refused with ExportBusyError) and must reconnect.
  */
 import { spawn } from 'node:child_process';
-import { mkdir, open, readFile, stat, unlink } from 'node:fs/promises';
+import { access, mkdir, open, readFile, stat, unlink } from 'node:fs/promises';
 import { basename, join } from 'node:path';
 import type { Logger } from 'pino';
 import { fingerprintOf, type ExportConfig } from '../../api/export-config.js';
@@ -20,6 +20,7 @@ import {
   exportIdsOf,
   nodesToDelete,
   ID_PREFIX,
+  CorruptExportStateError,
   readExportState,
   writeExportState,
   type ExportIds,
@@ -27,6 +28,7 @@ import {
 } from './export-state.js';
 import { QmpClient, QmpError } from './qmp-client.js';
 import { removeTemporaryFiles } from '../../shared/atomic-file.js';
+import { moveCorruptStateFileAside } from '../corrupt-state-file.js';
 import { SerialLock } from '../../shared/serial-lock.js';
 import { readPidFile } from '../process/pid-file.js';
 import { commandLineOf, findProcesses, isRunning } from '../process/proc-scan.js';
@@ -65,6 +67,8 @@ export interface QemuStorageDaemonStatus {
   pid?: number;
   /** This instance found the daemon running rather than starting it. */
   adopted: boolean;
+  /** Daemons this instance has spawned: each new one serves nothing until exports are added again. */
+  starts: number;
 }
 
 interface BlockExportInfo {
@@ -75,6 +79,12 @@ interface BlockExportInfo {
 }
 
 const QMP_CHARDEV_ID = 'nbdx-qmp';
+/**
+ * How long live exports of ours that no record names (exports.json was corrupt or lost) wait
+ * for a resource to claim them again before they are removed: longer than the planner's
+ * 15 s re-check, so every resource that still wants its export reconciles in time.
+ */
+const UNCLAIMED_ADOPTION_WINDOW_MS = 120_000;
 /** A scrape gives up on the daemon's figures sooner than Prometheus' default 10 s scrape timeout. */
 const METRICS_QUERY_TIMEOUT_MS = 5_000;
 /** sun_path is 108 bytes including the terminating NUL. */
@@ -96,7 +106,19 @@ export class QemuStorageDaemon {
   #qmp: QmpClient | undefined;
   #pid: number | undefined;
   #adopted = false;
+  #starts = 0;
   #records = new Map<string, ExportRecord>();
+  /**
+   * Live exports of ours that no record names, kept (not removed) after exports.json was lost
+   * or corrupt, until `#unclaimedUntil`: addExport of a config whose ids match adopts one
+   * without cutting its clients.
+   */
+  #unclaimed = new Set<string>();
+  #unclaimedUntil = 0;
+  /** The image files the unclaimed exports hold open (and locked): not a foreign writer's. */
+  #unclaimedPaths = new Set<string>();
+  /** exports.json was missing or corrupt when last read: live exports are adopted, not removed. */
+  #recordsLost = false;
   /** Serialises everything that talks to the daemon or the state file. */
   readonly #lock = new SerialLock();
 
@@ -128,13 +150,29 @@ export class QemuStorageDaemon {
 
   status(): QemuStorageDaemonStatus {
     const running = this.#qmp !== undefined && !this.#qmp.closed;
-    return { running, ...(this.#pid === undefined ? {} : { pid: this.#pid }), adopted: this.#adopted };
+    return {
+      running,
+      ...(this.#pid === undefined ? {} : { pid: this.#pid }),
+      adopted: this.#adopted,
+      starts: this.#starts,
+    };
+  }
+
+  /**
+   * Image files held by exports this daemon serves that exports.json lost (until a resource
+   * claims them or the adoption window ends). Their QEMU lock is our own: the lock probe must
+   * not take it for a foreign writer, or the resource would never claim its export.
+   */
+  unclaimedPaths(): ReadonlySet<string> {
+    return this.#unclaimedPaths;
   }
 
   /** What the daemon serves now, by export name. */
   exports(): Promise<Map<string, { fingerprint: string; config: ExportConfig }>> {
     return this.#serial(async () => {
-      const live = await this.#liveExports(await this.#connected());
+      const qmp = await this.#connected();
+      await this.#removeUnclaimedAfterWindow(qmp);
+      const live = await this.#liveExports(qmp);
       const served = new Map<string, { fingerprint: string; config: ExportConfig }>();
       for (const [name, record] of this.#records)
         if (record.state === 'served' && live.has(record.id))
@@ -178,6 +216,15 @@ export class QemuStorageDaemon {
 
       const backing = config.backing ?? [];
       const ids = exportIdsOf(name, fingerprint, backing.length);
+      if (this.#unclaimed.has(ids.id) && (await this.#liveExports(qmp)).has(ids.id)) {
+        // Served since before exports.json was lost: the ids prove name and configuration.
+        this.#unclaimed.delete(ids.id);
+        this.#unclaimedPaths.delete(config.path);
+        this.#records.set(name, { ...ids, fingerprint, config, state: 'served' });
+        await this.#persist();
+        log.info({ id: ids.id }, 'adopted a served export that exports.json had lost');
+        return;
+      }
       await this.#deleteNodes(qmp, ids, log); // leftovers of an interrupted attempt
       this.#records.set(name, { ...ids, fingerprint, config, state: 'adding' });
       await this.#persist();
@@ -320,7 +367,10 @@ export class QemuStorageDaemon {
       const connected = this.#qmp && !this.#qmp.closed ? this.#qmp : undefined;
       this.#qmp = undefined;
       const pid = await this.#runningDaemon();
-      if (pid !== undefined) {
+      if (pid !== undefined && connected === undefined && !(await socketExists(this.#socketPath))) {
+        // Its QMP socket is gone (the state directory was deleted): a signal is all it hears.
+        await this.#terminate(pid);
+      } else if (pid !== undefined) {
         const qmp = connected ?? (await QmpClient.connect(this.#socketPath, { timeoutMs: this.#timeoutMs }));
         await qmp.execute('quit', undefined, { timeoutMs: this.#timeoutMs }).catch(() => undefined);
         qmp.close();
@@ -359,8 +409,19 @@ export class QemuStorageDaemon {
     await mkdir(this.#dir, { recursive: true, mode: 0o700 });
     // A controller killed mid-write leaves the temporary of exports.json behind.
     await removeTemporaryFiles(this.#dir);
-    this.#records = await readExportState(this.#stateFile);
-    const pid = await this.#runningDaemon();
+    this.#records = await this.#readRecords();
+    let pid = await this.#runningDaemon();
+    if (pid !== undefined && !(await socketExists(this.#socketPath))) {
+      // Its QMP socket was deleted (with the state directory): nobody can ever talk to it
+      // again, and it holds our port. QEMU offers no way to add a monitor from outside, so it
+      // is stopped (SIGTERM: it flushes its images) and a new one re-adds the exports.
+      this.#logger.error(
+        { pid, socket: this.#socketPath },
+        'the running qemu-storage-daemon lost its QMP socket; restarting it',
+      );
+      await this.#terminate(pid);
+      pid = undefined;
+    }
     let qmp: QmpClient;
     if (pid !== undefined) {
       qmp = await QmpClient.connect(this.#socketPath, { timeoutMs: this.#timeoutMs });
@@ -370,6 +431,7 @@ export class QemuStorageDaemon {
     } else {
       ({ qmp, pid: this.#pid } = await this.#spawn());
       this.#adopted = false;
+      this.#starts++;
     }
     this.#qmp = qmp;
     qmp.onClose(() => {
@@ -466,14 +528,40 @@ export class QemuStorageDaemon {
         this.#records.delete(name);
       }
     }
+    const adopting = this.#recordsLost;
+    this.#recordsLost = false;
+    this.#unclaimed.clear();
     for (const id of live.keys()) {
       if (!id.startsWith(ID_PREFIX) || known.has(id)) continue;
+      if (adopting) {
+        this.#unclaimed.add(id);
+        continue;
+      }
       this.#logger.warn({ id }, 'removing an export of ours that no record names');
       await this.#deleteExport(qmp, id, true);
     }
+    this.#unclaimedPaths = new Set();
+    if (this.#unclaimed.size > 0) {
+      this.#unclaimedUntil = performance.now() + UNCLAIMED_ADOPTION_WINDOW_MS;
+      const nodes = await this.#execute<{ 'node-name': string; file?: string }[]>(
+        qmp,
+        'query-named-block-nodes',
+        { flat: true },
+      );
+      for (const node of nodes)
+        if ([...this.#unclaimed].some((id) => node['node-name'] === `${id}-f`) && node.file)
+          this.#unclaimedPaths.add(node.file);
+      this.#logger.warn(
+        { ids: [...this.#unclaimed], windowMs: UNCLAIMED_ADOPTION_WINDOW_MS },
+        'exports.json was lost: keeping the exports it named for their resources to claim again',
+      );
+    }
     const used = new Set([...this.#records.values()].flatMap((r) => nodesToDelete(r)));
     const stale = (await this.#nodeNames(qmp)).filter(
-      (node) => node.startsWith(ID_PREFIX) && !used.has(node),
+      (node) =>
+        node.startsWith(ID_PREFIX) &&
+        !used.has(node) &&
+        ![...this.#unclaimed].some((id) => node.startsWith(`${id}-`)),
     );
     // Users before what they use: the top format node, its file node, then each backing pair.
     const ordered = stale.sort((a, b) => deletionRank(a) - deletionRank(b));
@@ -549,7 +637,62 @@ export class QemuStorageDaemon {
   }
 
   async #persist(): Promise<void> {
+    // The directory may have been deleted under us (the daemon keeps running): recreate it.
+    await mkdir(this.#dir, { recursive: true, mode: 0o700 });
     await writeExportState(this.#stateFile, this.#records);
+  }
+
+  /**
+   * exports.json as recorded. A file that does not parse is moved aside and the exports are
+   * learnt again from the daemon and the resources (see `#unclaimed`); so is a missing file
+   * while a daemon of ours runs (the state directory was deleted).
+   */
+  async #readRecords(): Promise<Map<string, ExportRecord>> {
+    try {
+      const records = await readExportState(this.#stateFile);
+      this.#recordsLost = records.size === 0 && !(await fileExists(this.#stateFile));
+      return records;
+    } catch (error) {
+      if (error instanceof SyntaxError || error instanceof CorruptExportStateError) {
+        await moveCorruptStateFileAside(this.#stateFile, error, this.#logger);
+        this.#recordsLost = true;
+        return new Map();
+      }
+      throw error;
+    }
+  }
+
+  /** Removes the unclaimed exports once their adoption window has passed. */
+  async #removeUnclaimedAfterWindow(qmp: QmpClient): Promise<void> {
+    if (this.#unclaimed.size === 0 || performance.now() < this.#unclaimedUntil) return;
+    for (const id of this.#unclaimed) {
+      this.#logger.warn({ id }, 'removing an export of ours that no resource claimed again');
+      await this.#deleteExport(qmp, id, true);
+      const nodes = (await this.#nodeNames(qmp)).filter((node) => node.startsWith(`${id}-`));
+      for (const node of nodes.sort((a, b) => deletionRank(a) - deletionRank(b)))
+        await this.#execute(qmp, 'blockdev-del', { 'node-name': node }).catch((error: unknown) =>
+          this.#logger.error({ node, error: String(error) }, 'could not delete block node'),
+        );
+    }
+    this.#unclaimed.clear();
+    this.#unclaimedPaths.clear();
+  }
+
+  /** SIGTERM, then SIGKILL when it has not exited within the timeout. */
+  async #terminate(pid: number): Promise<void> {
+    if (!signalIfRunning(pid, 'SIGTERM')) return;
+    const exited = await waitUntil(() => !isRunning(pid), {
+      timeoutMs: this.#timeoutMs,
+      what: `qemu-storage-daemon (pid ${pid}) to exit`,
+    }).then(
+      () => true,
+      () => false,
+    );
+    if (exited || !signalIfRunning(pid, 'SIGKILL')) return;
+    await waitUntil(() => !isRunning(pid), {
+      timeoutMs: 10_000,
+      what: `qemu-storage-daemon (pid ${pid}) to die`,
+    });
   }
 
   /**
@@ -570,6 +713,28 @@ export class QemuStorageDaemon {
     const socketOption = `path=${qemuOptionValue(this.#socketPath)},`;
     return program.startsWith('qemu-storage-daemon') && argv.some((arg) => arg.includes(socketOption));
   }
+}
+
+/** Sends the signal; false when the process had already gone. */
+function signalIfRunning(pid: number, signal: NodeJS.Signals): boolean {
+  try {
+    process.kill(pid, signal);
+    return true;
+  } catch (error) {
+    if ((error as NodeJS.ErrnoException).code === 'ESRCH') return false;
+    throw error;
+  }
+}
+
+async function socketExists(path: string): Promise<boolean> {
+  return (await stat(path).catch(() => undefined))?.isSocket() ?? false;
+}
+
+async function fileExists(path: string): Promise<boolean> {
+  return access(path).then(
+    () => true,
+    () => false,
+  );
 }
 
 function checkConfig(config: ExportConfig): void {

@@ -13,6 +13,32 @@ describe('OwnershipLedger', () => {
     await rm(dir, { recursive: true, force: true });
   });
 
+  it('moves a corrupt record aside, keeps the good ones, and starts', async () => {
+    const ledger = new OwnershipLedger(dir);
+    await ledger.load();
+    await ledger.record('good', 'ns/good', { createdImage: { path: '/data/g.raw', inode: 3 } });
+    await writeFile(join(dir, 'torn.json'), '{"uid": "torn", "key": "ns/t');
+    await writeFile(join(dir, 'other.json'), JSON.stringify({ uid: 'someone-else', key: 'ns/x' }));
+    const again = new OwnershipLedger(dir);
+    await again.load();
+    expect(again.all().map((r) => r.uid)).toEqual(['good']);
+    const names = (await readdir(dir)).sort();
+    expect(names).toHaveLength(3);
+    expect(names[0]).toBe('good.json');
+    expect(names[1]).toMatch(/^other\.json\.corrupt-\d{8}T\d{9}Z$/);
+    expect(names[2]).toMatch(/^torn\.json\.corrupt-\d{8}T\d{9}Z$/);
+  });
+
+  it('writes again after its directory was deleted', async () => {
+    const ledger = new OwnershipLedger(join(dir, 'ledger'));
+    await ledger.load();
+    await rm(join(dir, 'ledger'), { recursive: true });
+    await ledger.claimExport('u1', 'ns/a', 'nbd-server', 'ns.a');
+    const again = new OwnershipLedger(join(dir, 'ledger'));
+    await again.load();
+    expect(again.get('u1')?.exportName).toBe('ns.a');
+  });
+
   it('persists records and reloads them', async () => {
     const ledger = new OwnershipLedger(dir);
     await ledger.load();

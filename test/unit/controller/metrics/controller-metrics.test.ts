@@ -171,6 +171,27 @@ describe('ControllerMetrics', () => {
     );
   });
 
+  it("shows the state directory's condition, one series per condition, and the corrupt files moved aside", async () => {
+    const { state, sources } = fakeSources();
+    const metrics = new ControllerMetrics(sources);
+    let exposition = await scrape(metrics);
+    expect(samplesOf(exposition, 'nbdx_state_directory_condition')).toEqual([]);
+    expect(valueOf(exposition, 'nbdx_state_files_moved_aside_total')).toBe(0);
+
+    state.servers = { ...state.servers, stateDirectory: { condition: 'full', corruptFilesMovedAside: 2 } };
+    exposition = await scrape(metrics);
+    const conditions = ['ok', 'missing', 'read_only', 'full', 'error'];
+    expect(
+      conditions.map((condition) => valueOf(exposition, 'nbdx_state_directory_condition', { condition })),
+    ).toEqual([0, 0, 0, 1, 0]);
+    expect(valueOf(exposition, 'nbdx_state_files_moved_aside_total')).toBe(2);
+
+    state.servers = { ...state.servers, stateDirectory: { condition: 'ok', corruptFilesMovedAside: 2 } };
+    exposition = await scrape(metrics);
+    expect(valueOf(exposition, 'nbdx_state_directory_condition', { condition: 'ok' })).toBe(1);
+    expect(valueOf(exposition, 'nbdx_state_directory_condition', { condition: 'full' })).toBe(0);
+  });
+
   it("shows qemu-storage-daemon's I/O counters while it runs, and no series while it does not", async () => {
     const { state, sources } = fakeSources();
     const metrics = new ControllerMetrics(sources);

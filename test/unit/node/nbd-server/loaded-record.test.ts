@@ -1,6 +1,7 @@
-import { mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { mkdtemp, readdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { pino } from 'pino';
 import { describe, expect, it } from 'vitest';
 import {
   EMPTY_RECORD,
@@ -53,6 +54,25 @@ describe('loaded.json', () => {
       expect(await readLoadedRecord(path)).toEqual(record);
       await writeFile(path, '{broken');
       expect(await readLoadedRecord(path)).toEqual(EMPTY_RECORD);
+      await writeFile(path, 'null');
+      expect(await readLoadedRecord(path)).toEqual(EMPTY_RECORD);
+    } finally {
+      await rm(dir, { recursive: true, force: true });
+    }
+  });
+});
+
+describe('a corrupt loaded.json', () => {
+  it('is moved aside when a logger is given, and read as empty', async () => {
+    const dir = await mkdtemp(join(tmpdir(), 'nbdx-loaded-'));
+    try {
+      const path = join(dir, 'loaded.json');
+      await writeFile(path, '{"pid": 4');
+      expect(await readLoadedRecord(path, pino({ level: 'silent' }))).toEqual(EMPTY_RECORD);
+      const names = await readdir(dir);
+      expect(names).toHaveLength(1);
+      expect(names[0]).toMatch(/^loaded\.json\.corrupt-\d{8}T\d{9}Z$/);
+      expect(await readFile(join(dir, names[0] ?? ''), 'utf8')).toBe('{"pid": 4');
     } finally {
       await rm(dir, { recursive: true, force: true });
     }

@@ -5,6 +5,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import {
+  CorruptExportStateError,
   exportIdsOf,
   ID_PREFIX,
   readExportState,
@@ -65,7 +66,12 @@ describe('export state file', () => {
       expect(await readdir(dir)).toEqual(['exports.json']);
 
       await writeFile(path, '{"something":"else"}');
+      await expect(readExportState(path)).rejects.toThrow(CorruptExportStateError);
       await expect(readExportState(path)).rejects.toThrow(/version 1/);
+      await writeFile(path, '{"version": 1, "expo');
+      await expect(readExportState(path)).rejects.toThrow(CorruptExportStateError);
+      await writeFile(path, 'null');
+      await expect(readExportState(path)).rejects.toThrow(CorruptExportStateError);
     } finally {
       await rm(dir, { recursive: true, force: true });
     }
