@@ -183,11 +183,17 @@ export async function startCluster(): Promise<Cluster> {
     throw new Error(`hack/cluster.sh up failed (exit ${up.exitCode}):\n${String(up.stderr)}`);
   }
   const kubeconfig = (await execa(CLUSTER_SCRIPT, ['kubeconfig'], { env })).stdout.trim();
-  const cluster = new Cluster({ dir, kubectlPath, kubeconfig, env });
+  return withCrdInstalled(new Cluster({ dir, kubectlPath, kubeconfig, env }));
+}
+
+/**
+ * Installs the CRD and waits until NbdExports are served (established, and known to discovery
+ * and a list); a cluster where that fails is torn down.
+ */
+export async function withCrdInstalled<T extends Cluster>(cluster: T): Promise<T> {
   try {
     await cluster.kubectl(['apply', '-f', 'crds/']);
     await cluster.kubectl(['wait', '--for=condition=Established', `crd/${CRD_NAME}`, '--timeout=120s']);
-    // Established, and served: discovery and a list both know the resource.
     await waitFor('NbdExports to be served', async () =>
       (await cluster.kubectl(['get', 'nbdexports', '-A'], { reject: false })).exitCode === 0
         ? true

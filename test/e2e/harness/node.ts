@@ -14,8 +14,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { execa } from 'execa';
 import { CLUSTER_SCRIPT, REPO_ROOT, freePorts, requireBinary } from '../../support/repo.js';
-import { waitFor } from '../../support/poll.js';
-import { CRD_NAME, Cluster } from './cluster.js';
+import { Cluster, withCrdInstalled } from './cluster.js';
 
 export const NODE_NAME = 'node-1';
 /** The node's address (hack/cluster-node.sh puts it on lo: the kubelet refuses 127.0.0.0/8). */
@@ -80,18 +79,5 @@ export async function startNodeCluster(): Promise<NodeCluster> {
   }
   process.stderr.write(`${String(up.stderr)}\n`);
   const kubeconfig = (await execa(CLUSTER_SCRIPT, ['kubeconfig'], { env })).stdout.trim();
-  const cluster = new NodeCluster({ dir, kubectlPath, kubeconfig, env });
-  try {
-    await cluster.kubectl(['apply', '-f', 'crds/']);
-    await cluster.kubectl(['wait', '--for=condition=Established', `crd/${CRD_NAME}`, '--timeout=120s']);
-    await waitFor('NbdExports to be served', async () =>
-      (await cluster.kubectl(['get', 'nbdexports', '-A'], { reject: false })).exitCode === 0
-        ? true
-        : undefined,
-    );
-  } catch (error) {
-    await cluster.down();
-    throw error;
-  }
-  return cluster;
+  return withCrdInstalled(new NodeCluster({ dir, kubectlPath, kubeconfig, env }));
 }
