@@ -23,7 +23,12 @@ import { parseArgs } from 'node:util';
 import { execa, type ResultPromise } from 'execa';
 import { nbdExport, PlainHostNode } from '../test/integration/harness/plain-host-controller.js';
 import { writeRandomFile } from '../test/support/nbd.js';
-import { addZramDevice, attachLoopDevice, releaseAllBlockDevices } from './support/block-devices.js';
+import {
+  addZramDevice,
+  attachLoopDevice,
+  releaseAllBlockDevices,
+  releaseBlockDevice,
+} from './support/block-devices.js';
 import {
   startNbdServerByHand,
   startQemuStorageDaemonByHand,
@@ -362,6 +367,41 @@ async function settingsSweep(sizeMiB: number, rep: number): Promise<void> {
       );
     } finally {
       await rm(path, { force: true });
+    }
+  }
+  // Block devices: nbd-server and QSD's default write through the device's page cache; QSD can
+  // open it with O_DIRECT. A new zram device per variant, so each first write is a first write.
+  const zramVariants: { variant: string; start: (path: string) => Promise<HandServer> }[] = [
+    {
+      variant: 'zram on nbd-server (as the controller)',
+      start: (path) => startNbdServerByHand({ path, flush: true, directory: node.root }),
+    },
+    {
+      variant: 'zram on qemu-storage-daemon, page cache',
+      start: (path) =>
+        startQemuStorageDaemonByHand({ path, format: 'raw', blockDevice: true, directory: node.root }),
+    },
+    {
+      variant: 'zram on qemu-storage-daemon, cache.direct=on',
+      start: (path) =>
+        startQemuStorageDaemonByHand({
+          path,
+          format: 'raw',
+          blockDevice: true,
+          directory: node.root,
+          protocolOptions: 'cache.direct=on',
+        }),
+    },
+  ];
+  for (const { variant, start } of zramVariants) {
+    const device = await addZramDevice(sizeMiB * 1024 * 1024);
+    try {
+      await byHand(
+        () => start(device),
+        (uri) => measureExport('zram settings', variant, uri, source, sizeMiB, rep),
+      );
+    } finally {
+      await releaseBlockDevice(device);
     }
   }
   // What the issue's "bare nbd-server by hand" most likely was: without `flush = true`
