@@ -16,7 +16,7 @@
  * Needs root (losetup, zram). Cleans up everything it creates, also on SIGINT/SIGTERM.
  */
 import { execSync } from 'node:child_process';
-import { writeFile, rm } from 'node:fs/promises';
+import { open, readFile, rm, writeFile } from 'node:fs/promises';
 import { loadavg, cpus } from 'node:os';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
@@ -70,15 +70,23 @@ const inFlight = new Set<ResultPromise>();
 const node = await PlainHostNode.create();
 let cleanedUp = false;
 
+/**
+ * Servers first (a device in use cannot be released), then devices, then files. Every step
+ * runs even when one before it failed; the failures are reported.
+ */
 async function cleanUp(): Promise<void> {
   if (cleanedUp) return;
   cleanedUp = true;
   for (const child of inFlight) child.kill('SIGKILL');
-  await stopAllHandServers();
-  await node.stop('SIGKILL');
-  await node.stopServers();
-  await releaseAllBlockDevices();
-  await node.destroy();
+  const steps: [string, () => Promise<void>][] = [
+    ['stop the hand-started servers', stopAllHandServers],
+    ['stop the controller', () => node.stop('SIGKILL')],
+    ["stop the controller's servers", () => node.stopServers()],
+    ['release the loop and zram devices', releaseAllBlockDevices],
+    ['remove the files', () => node.destroy()],
+  ];
+  for (const [what, step] of steps)
+    await step().catch((error: unknown) => console.error(`cleanup: could not ${what}:`, error));
 }
 
 for (const signal of ['SIGINT', 'SIGTERM'] as const)
@@ -280,6 +288,31 @@ function sourceOf(sizeMiB: number): string {
   const source = sources.get(sizeMiB);
   if (!source) throw new Error(`no source of ${sizeMiB} MiB`);
   return source;
+}
+
+/**
+ * One source per size, repeating a 256 MiB random block (generating 5 GiB of random bytes took
+ * minutes; no server here compresses or deduplicates across blocks). Synced, so the first
+ * measurement does not pay for the sources' writeback.
+ */
+async function writeSources(sizes: Set<number>): Promise<void> {
+  const blockPath = join(node.root, 'random-block.bin');
+  const blockBytes = 256 * 1024 * 1024;
+  await writeRandomFile(blockPath, blockBytes);
+  const block = await readFile(blockPath);
+  await rm(blockPath);
+  for (const sizeMiB of sizes) {
+    const path = join(node.root, `source-${sizeMiB}.bin`);
+    const file = await open(path, 'w');
+    try {
+      for (let written = 0, bytes = sizeMiB * 1024 * 1024; written < bytes; written += blockBytes)
+        await file.write(block, 0, Math.min(blockBytes, bytes - written));
+      await file.sync();
+    } finally {
+      await file.close();
+    }
+    sources.set(sizeMiB, path);
+  }
 }
 
 async function physicalReferences(sizeMiB: number, rep: number): Promise<void> {
@@ -665,11 +698,7 @@ try {
   const startedAt = new Date().toISOString();
   const loadBefore = loadavg();
   await node.start(['--allowed-device=/dev/loop*', '--allowed-device=/dev/zram*', '--log-level=info']);
-  for (const sizeMiB of new Set([...sizesMiB, writerMiB, ...(settingsMiB > 0 ? [settingsMiB] : [])])) {
-    const source = join(node.root, `source-${sizeMiB}.bin`);
-    await writeRandomFile(source, sizeMiB * 1024 * 1024);
-    sources.set(sizeMiB, source);
-  }
+  await writeSources(new Set([...sizesMiB, writerMiB, ...(settingsMiB > 0 ? [settingsMiB] : [])]));
   for (const sizeMiB of sizesMiB)
     for (let rep = 0; rep < reps; rep++) {
       console.error(`${sizeMiB} MiB, rep ${rep + 1}/${reps}`);
