@@ -11,6 +11,7 @@
  *
  *   bench/run.sh data-path [--sizes=1024,4096] [--reps=3] [--writers=1,2,4,8] [--writer-mib=512]
  *                          [--settings-mib=1024] [--json=bench/data-path.json]
+ *   bench/run.sh data-path --report-from=bench/data-path.json    # the tables of a run, again
  *
  * `--settings-mib`: size for the sweep of qemu-storage-daemon/qemu-img settings by hand (0: skip).
  * Needs root (losetup, zram). Cleans up everything it creates, also on SIGINT/SIGTERM.
@@ -45,13 +46,37 @@ const { values: flags } = parseArgs({
     'writer-mib': { type: 'string', default: '512' },
     'settings-mib': { type: 'string', default: '1024' },
     json: { type: 'string', default: join(import.meta.dirname, 'data-path.json') },
+    'report-from': { type: 'string' },
   },
 });
-const sizesMiB = flags.sizes.split(',').filter(Boolean).map(Number);
-const reps = Number(flags.reps);
-const writerCounts = flags.writers.split(',').filter(Boolean).map(Number);
-const writerMiB = Number(flags['writer-mib']);
-const settingsMiB = Number(flags['settings-mib']);
+interface RunSettings {
+  sizesMiB: number[];
+  reps: number;
+  writerCounts: number[];
+  writerMiB: number;
+  settingsMiB: number;
+}
+
+/** `--report-from=JSON`: print the report of an earlier run again (same tables, no measuring). */
+const earlier = flags['report-from']
+  ? (JSON.parse(await readFile(flags['report-from'], 'utf8')) as { settings: RunSettings; samples: Sample[] })
+  : undefined;
+const { sizesMiB, reps, writerCounts, writerMiB, settingsMiB }: RunSettings = earlier?.settings ?? {
+  sizesMiB: flags.sizes.split(',').filter(Boolean).map(Number),
+  reps: Number(flags.reps),
+  writerCounts: flags.writers.split(',').filter(Boolean).map(Number),
+  writerMiB: Number(flags['writer-mib']),
+  settingsMiB: Number(flags['settings-mib']),
+};
+
+/** What is exported, in the order of the tables (`SUBJECTS` below says how). */
+const SUBJECT_NAMES = [
+  'raw file',
+  'qcow2 fresh',
+  'qcow2 over backing',
+  'loop device',
+  'zram device',
+] as const;
 
 type Operation = 'first write' | 'rewrite' | 'read';
 const OPERATIONS: readonly Operation[] = ['first write', 'rewrite', 'read'];
@@ -65,8 +90,12 @@ interface Sample {
   gibPerSecond: number;
 }
 
-const samples: Sample[] = [];
+const samples: Sample[] = earlier?.samples ?? [];
 const inFlight = new Set<ResultPromise>();
+if (earlier) {
+  printReport(targetChecks());
+  process.exit(0);
+}
 const node = await PlainHostNode.create();
 let cleanedUp = false;
 
@@ -276,11 +305,11 @@ function deviceSubject(name: string, kind: 'loop' | 'zram'): Subject {
 }
 
 const SUBJECTS: Subject[] = [
-  fileSubject('raw file', 'raw', false),
-  fileSubject('qcow2 fresh', 'qcow2', false),
-  fileSubject('qcow2 over backing', 'qcow2', true),
-  deviceSubject('loop device', 'loop'),
-  deviceSubject('zram device', 'zram'),
+  fileSubject(SUBJECT_NAMES[0], 'raw', false),
+  fileSubject(SUBJECT_NAMES[1], 'qcow2', false),
+  fileSubject(SUBJECT_NAMES[2], 'qcow2', true),
+  deviceSubject(SUBJECT_NAMES[3], 'loop'),
+  deviceSubject(SUBJECT_NAMES[4], 'zram'),
 ];
 
 const sources = new Map<number, string>();
@@ -556,13 +585,12 @@ function targetChecks(): TargetCheck[] {
   const check = (target: string, sizeMiB: number, ratio: number, bar: number) =>
     checks.push({ target, sizeMiB, ratio, bar, met: ratio >= bar });
   for (const sizeMiB of sizesMiB) {
-    for (const subject of SUBJECTS)
+    for (const subject of SUBJECT_NAMES)
       for (const operation of OPERATIONS)
         check(
-          `${subject.name} ${operation}: controller / by hand`,
+          `${subject} ${operation}: controller / by hand`,
           sizeMiB,
-          medianOf(subject.name, 'controller', operation, sizeMiB) /
-            medianOf(subject.name, 'hand', operation, sizeMiB),
+          medianOf(subject, 'controller', operation, sizeMiB) / medianOf(subject, 'hand', operation, sizeMiB),
           0.95,
         );
     const ddNew = medianOf('reference', 'dd into a new file', 'copy', sizeMiB);
@@ -591,6 +619,36 @@ function targetChecks(): TargetCheck[] {
   return checks;
 }
 
+/** A Mermaid bar chart (GitHub renders it) of the controller's medians and the references at one size. */
+function chart(sizeMiB: number): string[] {
+  const short: Record<Operation, string> = { 'first write': 'W1', rewrite: 'W2', read: 'R' };
+  const bars: [string, number][] = [];
+  for (const subject of SUBJECT_NAMES)
+    for (const operation of OPERATIONS)
+      bars.push([
+        `${subject.replace(' device', '').replace('qcow2 over backing', 'qcow2+b')} ${short[operation]}`,
+        medianOf(subject, 'controller', operation, sizeMiB),
+      ]);
+  for (const [label, variant] of [
+    ['dd new', 'dd into a new file'],
+    ['dd over', 'dd over an existing file'],
+    ['TCP', 'loopback TCP'],
+  ] as const)
+    bars.push([label, medianOf('reference', variant, 'copy', sizeMiB)]);
+  const values = bars.map(([, v]) => (Number.isFinite(v) ? Number(v.toFixed(2)) : 0));
+  return [
+    '',
+    `## Chart: controller exports and references, ${sizeMiB} MiB, GiB/s (W1 first write, W2 rewrite, R read)`,
+    '',
+    '```mermaid',
+    'xychart-beta',
+    `  x-axis [${bars.map(([label]) => JSON.stringify(label)).join(', ')}]`,
+    `  y-axis "GiB/s" 0 --> ${Math.ceil(Math.max(...values, 1))}`,
+    `  bar [${values.join(', ')}]`,
+    '```',
+  ];
+}
+
 function printReport(checks: TargetCheck[]): void {
   const out: string[] = [];
   const g = (value: number) => (Number.isFinite(value) ? value.toFixed(2) : '  -  ');
@@ -600,13 +658,11 @@ function printReport(checks: TargetCheck[]): void {
       '| export | operation | controller | by hand | controller / hand |',
       '| --- | --- | --: | --: | --: |',
     );
-    for (const subject of SUBJECTS)
+    for (const subject of SUBJECT_NAMES)
       for (const operation of OPERATIONS) {
-        const controller = medianOf(subject.name, 'controller', operation, sizeMiB);
-        const hand = medianOf(subject.name, 'hand', operation, sizeMiB);
-        out.push(
-          `| ${subject.name} | ${operation} | ${g(controller)} | ${g(hand)} | ${g(controller / hand)} |`,
-        );
+        const controller = medianOf(subject, 'controller', operation, sizeMiB);
+        const hand = medianOf(subject, 'hand', operation, sizeMiB);
+        out.push(`| ${subject} | ${operation} | ${g(controller)} | ${g(hand)} | ${g(controller / hand)} |`);
       }
     out.push('', '| physical reference | GiB/s |', '| --- | --: |');
     for (const variant of [
@@ -658,9 +714,9 @@ function printReport(checks: TargetCheck[]): void {
       `| export | operation | rate ${largest} / ${smallest} MiB | 10 GB | 100 GB | 500 GB |`,
       '| --- | --- | --: | --: | --: | --: |',
     );
-  for (const subject of sizesMiB.length > 0 ? SUBJECTS : [])
+  for (const subject of sizesMiB.length > 0 ? SUBJECT_NAMES : [])
     for (const operation of ['first write', 'read'] as const) {
-      const rate = medianOf(subject.name, 'controller', operation, largest) * 1024 ** 3;
+      const rate = medianOf(subject, 'controller', operation, largest) * 1024 ** 3;
       const time = (gb: number) => {
         const s = (gb * 1e9) / rate;
         return s >= 3600
@@ -669,11 +725,10 @@ function printReport(checks: TargetCheck[]): void {
             ? `${(s / 60).toFixed(1)} min`
             : `${s.toFixed(0)} s`;
       };
-      const trend = rate / (medianOf(subject.name, 'controller', operation, smallest) * 1024 ** 3);
-      out.push(
-        `| ${subject.name} | ${operation} | ${g(trend)} | ${time(10)} | ${time(100)} | ${time(500)} |`,
-      );
+      const trend = rate / (medianOf(subject, 'controller', operation, smallest) * 1024 ** 3);
+      out.push(`| ${subject} | ${operation} | ${g(trend)} | ${time(10)} | ${time(100)} | ${time(500)} |`);
     }
+  if (sizesMiB.length > 0) out.push(...chart(largest));
   out.push(
     '',
     '## Targets',
