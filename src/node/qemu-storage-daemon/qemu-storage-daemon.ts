@@ -15,6 +15,7 @@ import type { Logger } from 'pino';
 import { fingerprintOf, type ExportConfig } from '../../api/export-config.js';
 import { isLockError } from '../qemu-error.js';
 import { holdsQemuWriteLock } from '../qemu-img.js';
+import { formatNodeArguments, protocolNodeArguments } from './blockdev-arguments.js';
 import { ExportBusyError, ImageLockedError } from './errors.js';
 import {
   exportIdsOf,
@@ -175,21 +176,14 @@ export class QemuStorageDaemon {
       await this.#persist();
       const added: string[] = [];
       try {
-        await this.#execute(qmp, 'blockdev-add', {
-          driver: config.blockDevice ? 'host_device' : 'file',
-          'node-name': ids.nodeNames.file,
-          filename: config.path,
-          locking: 'on',
-          'read-only': config.readOnly,
-        });
+        await this.#execute(qmp, 'blockdev-add', protocolNodeArguments(config, ids.nodeNames.file));
         added.push(ids.nodeNames.file);
         // The format node takes the image's permissions, so this is where a foreign lock shows.
-        await this.#execute(qmp, 'blockdev-add', {
-          driver: config.format,
-          'node-name': ids.nodeNames.format,
-          file: ids.nodeNames.file,
-          'read-only': config.readOnly,
-        });
+        await this.#execute(
+          qmp,
+          'blockdev-add',
+          formatNodeArguments(config, ids.nodeNames.format, ids.nodeNames.file),
+        );
         added.unshift(ids.nodeNames.format);
         await this.#execute(qmp, 'block-export-add', {
           type: 'nbd',
