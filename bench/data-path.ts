@@ -10,7 +10,7 @@
  * issue sets as targets and writes every sample and median as JSON. Asserts nothing.
  *
  *   bench/run.sh data-path [--sizes=1024,4096] [--reps=3] [--writers=1,2,4,8] [--writer-mib=512]
- *                          [--settings-mib=1024] [--json=bench/data-path.json]
+ *                          [--settings-mib=512] [--json=bench/data-path.json]
  *   bench/run.sh data-path --report-from=bench/data-path.json    # the tables of a run, again
  *
  * `--settings-mib`: size for the sweep of qemu-storage-daemon/qemu-img settings by hand (0: skip).
@@ -44,7 +44,7 @@ const { values: flags } = parseArgs({
     reps: { type: 'string', default: '3' },
     writers: { type: 'string', default: '1,2,4,8' },
     'writer-mib': { type: 'string', default: '512' },
-    'settings-mib': { type: 'string', default: '1024' },
+    'settings-mib': { type: 'string', default: '512' },
     json: { type: 'string', default: join(import.meta.dirname, 'data-path.json') },
     'report-from': { type: 'string' },
   },
@@ -361,6 +361,24 @@ async function physicalReferences(sizeMiB: number, rep: number): Promise<void> {
     await seconds(() => run('dd', [`if=${source}`, 'of=/dev/null', 'bs=4M', 'status=none'])),
   );
   record(sample('loopback TCP'), bytes, await timeLoopbackTcp(bytes));
+  // The devices' own speed, past the page cache: the ceiling of their exports.
+  for (const kind of ['loop', 'zram'] as const) {
+    const device = await deviceOf(kind, sizeMiB);
+    record(
+      sample(`dd into the ${kind} device (O_DIRECT)`),
+      bytes,
+      await seconds(() =>
+        run('dd', [`if=${source}`, `of=${device}`, 'bs=4M', 'oflag=direct', 'status=none']),
+      ),
+    );
+    record(
+      sample(`dd from the ${kind} device (O_DIRECT)`),
+      bytes,
+      await seconds(() =>
+        run('dd', [`if=${device}`, 'of=/dev/null', 'bs=4M', 'iflag=direct', 'status=none']),
+      ),
+    );
+  }
 }
 
 async function sideBySide(sizeMiB: number, rep: number): Promise<void> {
@@ -516,6 +534,10 @@ async function concurrentWriters(count: number, rep: number): Promise<void> {
       bytes,
       Math.max(...streams),
     );
+    // The streams start together, so the slowest one ends with the wall clock: its share is its
+    // rate against the mean of the streams' own rates (1 when they are served alike).
+    const meanRate = streams.reduce((sum, s) => sum + bytes / s, 0) / streams.length;
+    record({ ...base, variant: `${count} writers`, operation: 'mean stream first write' }, meanRate, 1);
   } finally {
     await node.removeExports(file);
     for (const name of names) await node.waitForGone(name);
@@ -670,6 +692,10 @@ function printReport(checks: TargetCheck[]): void {
       'dd over an existing file',
       'memory copy (dd cached file to /dev/null)',
       'loopback TCP',
+      'dd into the loop device (O_DIRECT)',
+      'dd from the loop device (O_DIRECT)',
+      'dd into the zram device (O_DIRECT)',
+      'dd from the zram device (O_DIRECT)',
     ])
       out.push(`| ${variant} | ${g(medianOf('reference', variant, 'copy', sizeMiB))} |`);
   }
@@ -686,8 +712,10 @@ function printReport(checks: TargetCheck[]): void {
   }
   if (writerCounts.length > 0) {
     out.push('', `## Concurrent writers, new QCOW2 exports of the controller, ${writerMiB} MiB each`, '');
-    out.push('| writers | aggregate GiB/s | slowest stream GiB/s | slowest stream / fair share |');
-    out.push('| --: | --: | --: | --: |');
+    out.push(
+      '| writers | aggregate GiB/s | slowest stream GiB/s | mean stream GiB/s | slowest / mean stream |',
+    );
+    out.push('| --: | --: | --: | --: | --: |');
     for (const count of writerCounts) {
       const aggregate = medianOf(
         'concurrent writers',
@@ -701,7 +729,8 @@ function printReport(checks: TargetCheck[]): void {
         'slowest stream first write',
         writerMiB,
       );
-      out.push(`| ${count} | ${g(aggregate)} | ${g(slowest)} | ${g((slowest * count) / aggregate)} |`);
+      const mean = medianOf('concurrent writers', `${count} writers`, 'mean stream first write', writerMiB);
+      out.push(`| ${count} | ${g(aggregate)} | ${g(slowest)} | ${g(mean)} | ${g(slowest / mean)} |`);
     }
   }
   const largest = Math.max(...sizesMiB);
@@ -783,7 +812,7 @@ try {
       nbdServer: versionOf('nbd-server -V 2>&1'),
       qemuStorageDaemon: versionOf('qemu-storage-daemon --version'),
       nbdcopy: versionOf('nbdcopy --version'),
-      fileSystem: versionOf(`df -T --output=source,fstype ${node.root} | tail -1`),
+      fileSystem: versionOf(`findmnt -no SOURCE,FSTYPE,OPTIONS -T ${node.root}`),
     },
     settings: { sizesMiB, reps, writerCounts, writerMiB, settingsMiB },
     medians: allMedians(),
