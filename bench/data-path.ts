@@ -22,6 +22,7 @@ import { loadavg, cpus } from 'node:os';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { execa, type ResultPromise } from 'execa';
+import { format } from 'prettier';
 import { nbdExport, PlainHostNode } from '../test/integration/harness/plain-host-controller.js';
 import { writeRandomFile } from '../test/support/nbd.js';
 import {
@@ -819,7 +820,8 @@ try {
     targets: checks,
     samples,
   };
-  await writeFile(flags.json, `${JSON.stringify(result, null, 2)}\n`);
+  // Formatted as the repository's `prettier --check .` wants it, so a new run can be committed as is.
+  await writeFile(flags.json, await format(JSON.stringify(result), { parser: 'json' }));
   console.error(`wrote ${flags.json}`);
 } finally {
   await cleanUp();
