@@ -15,6 +15,7 @@ import type { Logger } from 'pino';
 import { fingerprintOf, type ExportConfig } from '../../api/export-config.js';
 import { isLockError } from '../qemu-error.js';
 import { holdsQemuWriteLock } from '../qemu-img.js';
+import { formatNodeArguments, protocolNodeArguments } from './blockdev-arguments.js';
 import { ExportBusyError, ImageLockedError } from './errors.js';
 import {
   exportIdsOf,
@@ -235,43 +236,34 @@ export class QemuStorageDaemon {
       };
       try {
         // The whole graph is ours: each backing image the controller checked is a node of its
-        // own, deepest first, and every qcow2 node names its backing node (or none), so QEMU
-        // opens no file, URL or json: name written in an image's header.
+        // own, deepest first, each naming the next (src/node/qemu-storage-daemon/blockdev-arguments.ts).
         const backingNodes = ids.nodeNames.backing ?? [];
         for (let i = backing.length - 1; i >= 0; i--) {
           const image = backing[i];
           const nodes = backingNodes[i];
           if (!image || !nodes) continue;
-          await addNode({
-            driver: 'file',
-            'node-name': nodes.file,
-            filename: image.path,
-            locking: 'on',
-            'read-only': true,
-          });
-          await addNode({
-            driver: image.format,
-            'node-name': nodes.format,
-            file: nodes.file,
-            'read-only': true,
-            ...(image.format === 'qcow2' ? { backing: backingNodes[i + 1]?.format ?? null } : {}),
-          });
+          await addNode(
+            protocolNodeArguments({ path: image.path, blockDevice: false, readOnly: true }, nodes.file),
+          );
+          await addNode(
+            formatNodeArguments(
+              { format: image.format, readOnly: true },
+              nodes.format,
+              nodes.file,
+              backingNodes[i + 1]?.format ?? null,
+            ),
+          );
         }
-        await addNode({
-          driver: config.blockDevice ? 'host_device' : 'file',
-          'node-name': ids.nodeNames.file,
-          filename: config.path,
-          locking: 'on',
-          'read-only': config.readOnly,
-        });
+        await addNode(protocolNodeArguments(config, ids.nodeNames.file));
         // The format node takes the image's permissions, so this is where a foreign lock shows.
-        await addNode({
-          driver: config.format,
-          'node-name': ids.nodeNames.format,
-          file: ids.nodeNames.file,
-          'read-only': config.readOnly,
-          ...(config.format === 'qcow2' ? { backing: backingNodes[0]?.format ?? null } : {}),
-        });
+        await addNode(
+          formatNodeArguments(
+            config,
+            ids.nodeNames.format,
+            ids.nodeNames.file,
+            backingNodes[0]?.format ?? null,
+          ),
+        );
         await this.#execute(qmp, 'block-export-add', {
           type: 'nbd',
           id: ids.id,
