@@ -198,11 +198,12 @@ function planNextStep({ resource, desired, observed, policy }: PlanInput): Expor
     allowedClients: allowListFor(spec, policy),
     ...(format === 'qcow2' && info.backingChain.length > 0 ? { backing: backingOf(info) } : {}),
   };
-  const serving = planServing(config, observed, info.virtualSize);
+  const clientSize = servedSize(server, format, info.virtualSize);
+  const serving = planServing(config, observed, clientSize);
   return {
     ...serving,
     conditions: [readyFrom(serving.exported), imageReady, serving.exported],
-    fields: imageFields,
+    fields: { ...imageFields, virtualSize: clientSize },
   };
 }
 
@@ -535,6 +536,16 @@ function retireAndCut(observed: ObservedExport): Action[] {
   if (owned.served !== undefined) return [{ kind: 'applyNbdServer' }];
   // No longer configured nor served by the current parent: children forked before still serve.
   return [{ kind: 'disconnectNbdServerClients', exportName }, { kind: 'releaseExport' }];
+}
+
+/**
+ * The size a client is told. qemu-storage-daemon serves a raw file in whole 512-byte sectors
+ * (a 1,000,000-byte file is announced as 1,000,448 bytes, the tail reading as zeros);
+ * nbd-server announces the file's own size. Without this, such a file failed its probe forever.
+ */
+function servedSize(server: ServerKind, format: ImageFormat, virtualSize: number): number {
+  if (server === 'qemu-storage-daemon' && format === 'raw') return Math.ceil(virtualSize / 512) * 512;
+  return virtualSize;
 }
 
 /** The checked chain, handed to the server whole so that it opens nothing a header names. */

@@ -815,3 +815,27 @@ describe('planExport: refusing means retiring', () => {
     expect(ready(plan)?.reason).toBe('Deleting');
   });
 });
+
+describe('planExport: the size a client is told', () => {
+  it('a raw file of odd size on qemu-storage-daemon is probed for whole sectors, on nbd-server for its own size', () => {
+    const odd = 1_000_000;
+    const observed = (server: 'nbd-server' | 'qemu-storage-daemon'): ObservedExport => ({
+      ...rawOnNbdServer({}),
+      image: {
+        kind: 'present',
+        info: { format: 'raw', virtualSize: odd, actualSize: odd, backingChain: [] },
+      },
+      desired: { server, exportName: 'backups.vm-1-full', running: true },
+    });
+    const probeSize = (rawServer: 'nbd-server' | 'qemu-storage-daemon') => {
+      const plan = planExport({
+        resource: resource({ source: { file: { path: RAW, format: 'raw' } } }),
+        observed: observed(rawServer),
+        policy: { ...policy, rawServer },
+      });
+      return { fields: plan.fields.virtualSize };
+    };
+    expect(probeSize('nbd-server')).toEqual({ fields: odd });
+    expect(probeSize('qemu-storage-daemon')).toEqual({ fields: 1_000_448 });
+  });
+});
