@@ -135,7 +135,8 @@ describe('block devices through the plain-host controller', () => {
     const refused = await node.waitForReady('loop-denied', 'False', 'DeviceNotAllowed');
     const ready = refused.status?.conditions?.find((c) => c.type === 'Ready');
     expect(ready?.message).toContain(deniedLoop.path);
-    expect(await isServed(node.uri(refused))).toBe(false);
+    expect(refused.status?.uri).toBeUndefined();
+    expect(await isServed(node.nbdServerUri('loop-denied'))).toBe(false);
     expect(await configuredDevicePaths()).not.toContain(deniedLoop.path);
     // Gone again, so that the refused resource takes no part in the next test.
     await node.removeExports('denied.yaml');
@@ -165,7 +166,8 @@ describe('block devices through the plain-host controller', () => {
     // The link's own name matches an allowed pattern; the device it points to does not.
     const decided = await decidedReady('link-denied', ['Served', 'DeviceNotAllowed']);
     expect(decided.reason).toBe('DeviceNotAllowed');
-    expect(await isServed(node.uri(decided.object))).toBe(false);
+    expect(decided.object.status?.uri).toBeUndefined();
+    expect(await isServed(node.nbdServerUri('link-denied'))).toBe(false);
     expect(await configuredDevicePaths()).not.toContain(deniedLoop.path);
   });
 

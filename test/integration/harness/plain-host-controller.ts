@@ -189,6 +189,11 @@ export class PlainHostNode {
     });
   }
 
+  /** Where a resource's export would be on nbd-server (for one that shows no status.uri, being refused). */
+  nbdServerUri(name: string, namespace = 'it'): string {
+    return `nbd://127.0.0.1:${this.nbdPort}/${namespace}.${name}`;
+  }
+
   uri(object: NbdExport): string {
     const uri = object.status?.uri;
     if (!uri) throw new Error(`${object.metadata.name} has no status.uri`);
