@@ -9,7 +9,7 @@ import { execa } from 'execa';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { HeldTransfer, isServed, writeRandomFile } from '../support/nbd.js';
 import { waitFor } from '../support/poll.js';
-import { processState } from '../../src/node/process/proc-scan.js';
+import { allPids, descriptorTargetsOf } from '../../src/node/process/proc-scan.js';
 import { nbdExport, PlainHostNode } from './harness/plain-host-controller.js';
 
 const MiB = 1024 * 1024;
@@ -46,9 +46,13 @@ describe('refusing means retiring', () => {
     await waitFor('the old export to be refused to new clients', async () =>
       (await isServed(uri)) ? undefined : true,
     );
-    // The held client is cut: its nbdcopy ends by itself, before it was sent the rest.
-    const pid = transfer.pid ?? -1;
-    await waitFor('the held client to be cut', () => (processState(pid) === 'running' ? undefined : true));
+    // The held client is cut: no process serves the old file any more (its client notices at
+    // its next write, so the rest of its data cannot land).
+    const oldFile = join(node.images, 'moved.raw');
+    await waitFor('no process to serve the old file', async () => {
+      for (const pid of allPids()) if ((await descriptorTargetsOf(pid)).includes(oldFile)) return undefined;
+      return true;
+    });
     expect((await transfer.finish()).exitCode).not.toBe(0);
   });
 
