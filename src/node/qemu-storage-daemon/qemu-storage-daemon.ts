@@ -397,8 +397,14 @@ export class QemuStorageDaemon {
 
   /** Whether an adopted daemon has our TLS credentials object (it was started with --tls-dir). */
   async #servesTls(qmp: QmpClient): Promise<boolean> {
-    const objects = await this.#execute<{ name: string }[]>(qmp, 'qom-list', { path: '/objects' });
-    return objects.some((object) => object.name === TLS_CREDS_ID);
+    try {
+      const objects = await this.#execute<{ name: string }[]>(qmp, 'qom-list', { path: '/objects' });
+      return objects.some((object) => object.name === TLS_CREDS_ID);
+    } catch (error) {
+      // QEMU creates /objects with the first object: a daemon started without any has none.
+      if (error instanceof QmpError && error.class === 'DeviceNotFound') return false;
+      throw error;
+    }
   }
 
   #serial<T>(work: () => Promise<T>): Promise<T> {
@@ -435,7 +441,11 @@ export class QemuStorageDaemon {
     let qmp: QmpClient | undefined;
     if (pid !== undefined) {
       qmp = await QmpClient.connect(this.#socketPath, { timeoutMs: this.#timeoutMs });
-      if ((await this.#servesTls(qmp)) !== (this.#tlsDir !== undefined)) {
+      const servesTls = await this.#servesTls(qmp).catch((error: unknown) => {
+        qmp?.close(); // QMP serves one client at a time: never leave ours open
+        throw error;
+      });
+      if (servesTls !== (this.#tlsDir !== undefined)) {
         // Adopting it would serve plain NBD where TLS is required (or the reverse) while
         // status.uri says otherwise: the TLS setting outranks its connected clients.
         this.#logger.warn(
