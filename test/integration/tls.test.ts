@@ -16,6 +16,7 @@ import {
   writeRandomFile,
 } from '../support/nbd.js';
 import { serverCertificateSerial } from '../support/nbd-tls-peer.js';
+import { waitFor } from '../support/poll.js';
 import { requireBinary } from '../support/repo.js';
 import { createCa, issueCertificate, type CertificateAuthority } from '../support/tls-certificates.js';
 import { nbdExport, PlainHostNode } from './harness/plain-host-controller.js';
@@ -155,5 +156,21 @@ describe('TLS with client certificates (run --tls-dir)', () => {
     const back = join(node.root, 'held-back.bin');
     await nbdcopy(uri, back);
     expect(await sha256File(back)).toBe(await sha256File(payload));
+  });
+
+  it('a controller started again without --tls-dir serves both servers plain (an adopted TLS daemon is restarted)', async () => {
+    const qemuPid = async () =>
+      (await readFile(join(node.stateDir, 'qemu-storage-daemon', 'qemu-storage-daemon.pid'), 'utf8')).trim();
+    const tlsDaemon = await qemuPid();
+    await node.stop();
+    await node.start();
+    for (const name of ['tls-raw', 'tls-qcow2']) {
+      const object = await waitFor(`${name} to read nbd://`, async () => {
+        const current = await node.waitForReady(name);
+        return current.status?.uri?.startsWith('nbd://') === true ? current : undefined;
+      });
+      expect(await exportSize(node.uri(object))).toBe(64 * MiB);
+    }
+    expect(await qemuPid()).not.toBe(tlsDaemon);
   });
 });
