@@ -8,11 +8,12 @@ set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
 # mount (losetup) and kmod (modprobe zram): the block-device tests set up loop and zram devices.
+# openssl makes the throwaway CA and certificates of the TLS tests (test/support/tls-certificates.ts).
 # mmdebstrap builds the image; containerd, runc, the CNI plugins and iptables run the test node.
-apt_packages=(nbd-server qemu-utils qemu-system-common libnbd-bin mount kmod
+apt_packages=(nbd-server qemu-utils qemu-system-common libnbd-bin mount kmod openssl
   mmdebstrap containerd runc containernetworking-plugins iptables)
 declare -A probe_binary=([nbd-server]=nbd-server [qemu-utils]=qemu-img [qemu-system-common]=qemu-storage-daemon [libnbd-bin]=nbdinfo
-  [mount]=losetup [kmod]=modprobe
+  [mount]=losetup [kmod]=modprobe [openssl]=openssl
   [mmdebstrap]=mmdebstrap [containerd]=containerd [runc]=runc [containernetworking-plugins]=/usr/lib/cni/bridge [iptables]=iptables)
 
 missing=()

@@ -29,6 +29,7 @@ export async function runController(options: RunOptions): Promise<void> {
     listenAddress: options.listenAddress,
     nbdPort: options.nbdPort,
     qemuPort: options.qemuPort,
+    ...(options.tlsDir === undefined ? {} : { tlsDir: options.tlsDir }),
     logger,
   });
   const policy: NodePolicy = {
@@ -42,6 +43,7 @@ export async function runController(options: RunOptions): Promise<void> {
     rawServer: options.rawServer,
     maxBackingDepth: options.maxBackingDepth,
     allowRawOverForeignHeader: options.allowRawOverForeignHeader,
+    tls: options.tlsDir !== undefined,
   };
   // The metrics read the controller only at scrape time, once the health server listens.
   const metrics: ControllerMetrics = new ControllerMetrics(

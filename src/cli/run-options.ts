@@ -27,6 +27,12 @@ export interface RunOptions {
   concurrency: number;
   maxBackingDepth: number;
   allowRawOverForeignHeader: boolean;
+  /**
+   * TLS for every export on both servers: ca-cert.pem, server-cert.pem, server-key.pem (the
+   * layout QEMU and libnbd read), optionally client-cert.pem/client-key.pem for the
+   * controller's own probe and checksum reader. Absent: plain NBD.
+   */
+  tlsDir?: string;
   /** SIGTERM ends the process within this long, whatever is still running (a wedged step). */
   shutdownTimeoutMs: number;
   logLevel: string;
@@ -52,6 +58,10 @@ export const RUN_USAGE = `usage: nbd-export-controller run [flags]
   --allow-raw-over-foreign-header
                                serve a raw spec even when its bytes start with another format's header
                                (a guest disk holding a QCOW2/LUKS image); off: refused as ImageFormatMismatch
+  --tls-dir DIR                every export requires TLS and a client certificate signed by DIR/ca-cert.pem;
+                               DIR holds ca-cert.pem, server-cert.pem, server-key.pem and, for the
+                               controller's own probe, client-cert.pem/client-key.pem (else the server
+                               certificate is used as client certificate); status.uri reads nbds://
   --shutdown-timeout SECONDS   a stop signal ends the process within this long (default 20; the pod's grace is 60)
   --log-level LEVEL            pino level (default info)`;
 
@@ -78,6 +88,7 @@ export function parseRunOptions(argv: string[]): RunOptions {
       'shutdown-timeout': { type: 'string', default: '20' },
       'max-backing-depth': { type: 'string', default: String(DEFAULT_MAX_BACKING_DEPTH) },
       'allow-raw-over-foreign-header': { type: 'boolean', default: false },
+      'tls-dir': { type: 'string' },
       'log-level': { type: 'string', default: 'info' },
     },
   });
@@ -122,6 +133,7 @@ export function parseRunOptions(argv: string[]): RunOptions {
     shutdownTimeoutMs: 1000 * positive('--shutdown-timeout', values['shutdown-timeout']),
     maxBackingDepth: positive('--max-backing-depth', values['max-backing-depth']),
     allowRawOverForeignHeader: values['allow-raw-over-foreign-header'],
+    ...(values['tls-dir'] === undefined ? {} : { tlsDir: absolute('--tls-dir', values['tls-dir']) }),
     logLevel: values['log-level'],
   };
 }

@@ -20,6 +20,7 @@ import { createBackingGate, judgeImageChain, type ImageJudgeRequest } from '../p
 import type { ImageObservation } from '../plan/observed-state.js';
 import { QemuStorageDaemon } from '../node/qemu-storage-daemon/qemu-storage-daemon.js';
 import { resolvePath } from '../node/resolve-path.js';
+import { tlsClientIdentity } from '../node/tls-client-identity.js';
 import { corruptStateFilesMovedAside } from '../node/corrupt-state-file.js';
 import { StateDirectoryHealth } from '../node/state-directory-health.js';
 import type { ExportFigures, ServerFigures } from './metrics/controller-metrics.js';
@@ -35,6 +36,8 @@ export interface NodeServicesOptions {
   listenAddress: string;
   nbdPort: number;
   qemuPort: number;
+  /** `run --tls-dir`: both servers require TLS and a client certificate from its CA. */
+  tlsDir?: string;
   logger: Logger;
 }
 
@@ -61,17 +64,28 @@ export async function createNodeServices(options: NodeServicesOptions): Promise<
   await ledger.load();
   await removeTemporaryImagesOfLedger(ledger, logger);
 
+  const tls = options.tlsDir === undefined ? {} : { tlsDir: options.tlsDir };
+  // The controller's own clients (probe, checksum reader) need a certificate too.
+  const clientIdentity =
+    options.tlsDir === undefined ? undefined : await tlsClientIdentity(options.tlsDir, stateDir);
+  if (options.tlsDir !== undefined)
+    logger.info(
+      { tlsDir: options.tlsDir, clientCertificates: clientIdentity?.certificatesDir },
+      'TLS with client certificates on both servers; a changed certificate reaches nbd-server at its next hand-over restart and qemu-storage-daemon at its next start',
+    );
   const nbdServer = new NbdServerSupervisor({
     stateDir,
     listenAddress: options.listenAddress,
     port: options.nbdPort,
     logger,
+    ...tls,
   });
   const qemu = new QemuStorageDaemon({
     stateDir,
     listenAddress: options.listenAddress,
     port: options.qemuPort,
     logger,
+    ...tls,
   });
   await nbdServer.start(); // never throws: a failure is retried by its watchdog
   // A daemon that cannot start now is started again by the first export that needs it.
@@ -81,7 +95,10 @@ export async function createNodeServices(options: NodeServicesOptions): Promise<
       logger.error({ err: error }, 'could not start or adopt qemu-storage-daemon; will retry on demand'),
     );
 
-  const checksums = new ChecksumJobs({ logger });
+  const checksums = new ChecksumJobs({
+    logger,
+    ...(clientIdentity === undefined ? {} : { tlsCertificatesDir: clientIdentity.certificatesDir }),
+  });
   return {
     ledger,
     nbdServer,
@@ -118,7 +135,19 @@ export async function createNodeServices(options: NodeServicesOptions): Promise<
       },
     },
     resolvePath,
-    probe: probeExport,
+    probe:
+      clientIdentity === undefined
+        ? probeExport
+        : async (target) => {
+            // Read at every probe: a renewed certificate is used at once; a missing one fails the probe.
+            const credentials = await clientIdentity.load().catch((error: unknown) => error as Error);
+            return credentials instanceof Error
+              ? {
+                  ok: false,
+                  message: `cannot read the probe's client certificate: ${credentials.message}`,
+                }
+              : probeExport({ ...target, tls: credentials });
+          },
     async detach() {
       stateDirectory.stop();
       checksums.stop();

@@ -14,6 +14,11 @@ export interface ChecksumJobsOptions {
   logger: Logger;
   /** The NBD client that reads an export to stdout. Default `nbdcopy`. */
   nbdcopy?: string;
+  /**
+   * The servers require TLS: `nbd://` URIs are read as `nbds://…?tls-certificates=DIR`
+   * (DIR in libnbd's layout: ca-cert.pem, client-cert.pem, client-key.pem). Default: plain.
+   */
+  tlsCertificatesDir?: string;
   /** Wall-clock time of completion, for status. */
   now?: () => Date;
 }
@@ -44,6 +49,12 @@ export class ChecksumJobs {
   /** The job of a resource, running, queued or finished; undefined if it never asked. */
   get(key: string): ChecksumJob | undefined {
     return this.#jobs.get(key);
+  }
+
+  #withTls(uri: string): string {
+    const dir = this.#options.tlsCertificatesDir;
+    if (dir === undefined || !uri.startsWith('nbd://')) return uri;
+    return `nbds://${uri.slice('nbd://'.length)}?tls-certificates=${encodeURIComponent(dir)}`;
   }
 
   /** Starts (or queues) a job for `key`, replacing any finished one; a running job of the same request stays. */
@@ -88,7 +99,7 @@ export class ChecksumJobs {
     let reported = 0;
     let stderr = '';
     log.info({ uri, bytes: job.totalBytes }, 'reading the export to checksum it');
-    const child = spawn(this.#options.nbdcopy ?? 'nbdcopy', ['--connections=1', uri, '-'], {
+    const child = spawn(this.#options.nbdcopy ?? 'nbdcopy', ['--connections=1', this.#withTls(uri), '-'], {
       stdio: ['ignore', 'pipe', 'pipe'],
     });
     let killed = false;

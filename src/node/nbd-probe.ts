@@ -3,8 +3,12 @@
  * NBD_OPT_GO for the export name, reading the size the server announces, then a clean
  * NBD_CMD_DISC. (nbd-server answers NBD_OPT_INFO with size 0 before the export is
  * opened, so only GO proves the export really opens.) No data is read or written.
+ *
+ * With `tls`, the probe asks for NBD_OPT_STARTTLS first and continues inside TLS with a
+ * client certificate, as the servers require under `run --tls-dir`.
  */
 import { connect, type Socket } from 'node:net';
+import { connect as connectTls } from 'node:tls';
 
 export interface ProbeTarget {
   host: string;
@@ -12,6 +16,15 @@ export interface ProbeTarget {
   exportName: string;
   /** Give up after this long. Default 10 s. */
   timeoutMs?: number;
+  /** Speak TLS (STARTTLS) with this client identity; absent: plain NBD. */
+  tls?: ProbeTlsCredentials;
+}
+
+/** PEM texts: the CA the server's certificate must chain to, and the probe's own certificate. */
+export interface ProbeTlsCredentials {
+  ca: string;
+  cert: string;
+  key: string;
 }
 
 export type ProbeResult = { ok: true; size: number; readOnly: boolean } | { ok: false; message: string };
@@ -21,6 +34,7 @@ const IHAVEOPT = 0x49484156454f5054n; // "IHAVEOPT"
 const REPLY_MAGIC = 0x3e889045565a9n;
 const FLAG_FIXED_NEWSTYLE = 1;
 const FLAG_NO_ZEROES = 2;
+const OPT_STARTTLS = 5;
 const OPT_GO = 7;
 const REP_ACK = 1;
 const REP_INFO = 3;
@@ -40,15 +54,27 @@ const REP_ERRORS: Record<number, string> = {
 };
 
 export async function probeExport(target: ProbeTarget): Promise<ProbeResult> {
-  const socket = connect({ host: target.host, port: target.port });
-  const reader = new SocketReader(socket);
+  let socket: Socket = connect({ host: target.host, port: target.port });
   const timeoutMs = target.timeoutMs ?? 10_000;
   let timer: NodeJS.Timeout | undefined;
   const timeout = new Promise<ProbeResult>((resolve) => {
     timer = setTimeout(() => resolve({ ok: false, message: `no answer within ${timeoutMs} ms` }), timeoutMs);
   });
   try {
-    return await Promise.race([handshake(socket, reader, target.exportName), timeout]);
+    const negotiate = async (): Promise<ProbeResult> => {
+      let reader = new SocketReader(socket);
+      const negotiated = await greet(socket, reader);
+      if (!negotiated.ok) return negotiated;
+      if (target.tls !== undefined) {
+        const started = await startTls(socket, reader);
+        if (!started.ok) return started;
+        reader.detach();
+        socket = await upgrade(socket, target.tls);
+        reader = new SocketReader(socket);
+      }
+      return await go(socket, reader, target.exportName);
+    };
+    return await Promise.race([negotiate(), timeout]);
   } catch (error) {
     return { ok: false, message: error instanceof Error ? error.message : String(error) };
   } finally {
@@ -57,7 +83,8 @@ export async function probeExport(target: ProbeTarget): Promise<ProbeResult> {
   }
 }
 
-async function handshake(socket: Socket, reader: SocketReader, exportName: string): Promise<ProbeResult> {
+/** The server's greeting and our flags: fixed newstyle, the server's "no zeroes" echoed. */
+async function greet(socket: Socket, reader: SocketReader): Promise<{ ok: true } | ProbeResult> {
   const greeting = await reader.read(18);
   if (greeting.readBigUInt64BE(0) !== NBDMAGIC || greeting.readBigUInt64BE(8) !== IHAVEOPT)
     return { ok: false, message: 'not an NBD server speaking the newstyle protocol' };
@@ -67,7 +94,54 @@ async function handshake(socket: Socket, reader: SocketReader, exportName: strin
   const clientFlags = Buffer.alloc(4);
   clientFlags.writeUInt32BE(FLAG_FIXED_NEWSTYLE | (serverFlags & FLAG_NO_ZEROES));
   socket.write(clientFlags);
+  return { ok: true };
+}
 
+/** NBD_OPT_STARTTLS; the server answers ACK and then expects a TLS ClientHello. */
+async function startTls(socket: Socket, reader: SocketReader): Promise<{ ok: true } | ProbeResult> {
+  const option = Buffer.alloc(16);
+  option.writeBigUInt64BE(IHAVEOPT, 0);
+  option.writeUInt32BE(OPT_STARTTLS, 8);
+  option.writeUInt32BE(0, 12);
+  socket.write(option);
+  const header = await reader.read(20);
+  if (header.readBigUInt64BE(0) !== REPLY_MAGIC) return { ok: false, message: 'malformed option reply' };
+  const type = header.readUInt32BE(12);
+  const length = header.readUInt32BE(16);
+  const data = length > 0 ? await reader.read(length) : Buffer.alloc(0);
+  if (type === REP_ACK) return { ok: true };
+  const what =
+    type & 0x80000000 ? (REP_ERRORS[type & 0x7fffffff] ?? `error ${type & 0x7fffffff}`) : `reply ${type}`;
+  const detail = data.toString('utf8').trim();
+  return { ok: false, message: `the server refused STARTTLS: ${what}${detail ? `: ${detail}` : ''}` };
+}
+
+/**
+ * TLS over the negotiated socket. The chain is verified against the node's CA; the host name
+ * is not: the probe reaches its own server at the probe address (loopback), which the
+ * server certificate, made for the names clients use, need not list.
+ */
+function upgrade(socket: Socket, credentials: ProbeTlsCredentials): Promise<Socket> {
+  return new Promise((resolve, reject) => {
+    const secure = connectTls({
+      socket,
+      ca: credentials.ca,
+      cert: credentials.cert,
+      key: credentials.key,
+      checkServerIdentity: () => undefined,
+    });
+    const failed = (error: Error): void =>
+      reject(new Error(`TLS handshake failed: ${error.message}`, { cause: error }));
+    secure.once('error', failed);
+    secure.once('secureConnect', () => {
+      secure.off('error', failed);
+      resolve(secure);
+    });
+  });
+}
+
+/** NBD_OPT_GO for the export: its size and flags, then a clean disconnect. */
+async function go(socket: Socket, reader: SocketReader, exportName: string): Promise<ProbeResult> {
   const name = Buffer.from(exportName, 'utf8');
   const option = Buffer.alloc(16 + 4 + name.length + 2);
   option.writeBigUInt64BE(IHAVEOPT, 0);
@@ -118,20 +192,32 @@ class SocketReader {
   #buffered = Buffer.alloc(0);
   #waiter: (() => void) | undefined;
   #failure: Error | undefined;
+  readonly #socket: Socket;
+  readonly #onData = (chunk: Buffer): void => {
+    this.#buffered = Buffer.concat([this.#buffered, chunk]);
+    this.#wake();
+  };
+  readonly #onError = (error: Error): void => {
+    this.#failure = error;
+    this.#wake();
+  };
+  readonly #onClose = (): void => {
+    this.#failure ??= new Error('the server closed the connection during the handshake');
+    this.#wake();
+  };
 
   constructor(socket: Socket) {
-    socket.on('data', (chunk: Buffer) => {
-      this.#buffered = Buffer.concat([this.#buffered, chunk]);
-      this.#wake();
-    });
-    socket.on('error', (error) => {
-      this.#failure = error;
-      this.#wake();
-    });
-    socket.on('close', () => {
-      this.#failure ??= new Error('the server closed the connection during the handshake');
-      this.#wake();
-    });
+    this.#socket = socket;
+    socket.on('data', this.#onData);
+    socket.on('error', this.#onError);
+    socket.on('close', this.#onClose);
+  }
+
+  /** Stops reading: the socket's bytes now belong to TLS layered over it. */
+  detach(): void {
+    this.#socket.off('data', this.#onData);
+    this.#socket.off('error', this.#onError);
+    this.#socket.off('close', this.#onClose);
   }
 
   async read(n: number): Promise<Buffer> {

@@ -22,6 +22,8 @@ export interface NodePolicy {
    * (a guest disk that itself holds a QCOW2 or LUKS image). Off: such a file is refused.
    */
   allowRawOverForeignHeader: boolean;
+  /** Both servers require TLS with a client certificate (`run --tls-dir`): status.uri reads nbds://. Absent: false. */
+  tls?: boolean;
 }
 
 /** Who serves an image of this format (block devices are raw): QCOW2 needs a format-aware server. */

@@ -682,7 +682,8 @@ function allowListFor(spec: NbdExportSpec, policy: NodePolicy): string[] {
 function uriFor(policy: NodePolicy, server: ServerKind, exportName: string): string {
   const host = policy.advertiseHost.includes(':') ? `[${policy.advertiseHost}]` : policy.advertiseHost;
   const port = server === 'nbd-server' ? policy.nbdServerPort : policy.qemuPort;
-  return `nbd://${host}:${port}/${exportName}`;
+  // nbds:// tells libnbd (and QEMU) to insist on TLS: with --tls-dir a plain client is refused anyway.
+  return `${policy.tls === true ? 'nbds' : 'nbd'}://${host}:${port}/${exportName}`;
 }
 
 function readyFrom(exported: ConditionDraft): ConditionDraft {

@@ -69,6 +69,8 @@ export interface NbdServerSupervisorOptions {
   startTimeoutMs?: number;
   /** How long a client may take over its NBD handshake. Default HANDSHAKE_TIMEOUT_MS (30 s). */
   handshakeTimeoutMs?: number;
+  /** TLS with client certificates for every export (see BaseConfig.tlsDir). Default: plain NBD. */
+  tlsDir?: string;
 }
 
 export interface NbdServerStatus {
@@ -158,6 +160,7 @@ export class NbdServerSupervisor {
       listenAddress: this.#listenAddress,
       includeDir: this.#confDir.confDir,
       ...(this.#runAs === undefined ? {} : this.#runAs),
+      ...(options.tlsDir === undefined ? {} : { tlsDir: options.tlsDir }),
     });
     const debounceMs = options.debounceMs ?? 200;
     this.#scheduler = new ApplyScheduler({

@@ -36,6 +36,14 @@ export interface BaseConfig {
   /** Run as this account (nbd-server switches after binding, before opening files). Omitted: stays root. */
   user?: string;
   group?: string;
+  /**
+   * Directory with ca-cert.pem, server-cert.pem, server-key.pem: every export then requires
+   * TLS (force_tls) and a client certificate signed by that CA. nbd-server 3.24 verifies the
+   * client's certificate against cacertfile and refuses a missing or foreign one (tested in
+   * test/integration/tls.test.ts). It reads the files when a parent starts, so a hand-over
+   * restart picks up a changed certificate while connected clients stay with their child.
+   */
+  tlsDir?: string;
 }
 
 export interface ExportFiles {
@@ -71,6 +79,15 @@ export function renderBaseConfig(base: BaseConfig): string {
   ];
   if (base.user !== undefined) lines.push(`user = ${checkedAccount(base.user, 'user')}`);
   if (base.group !== undefined) lines.push(`group = ${checkedAccount(base.group, 'group')}`);
+  if (base.tlsDir !== undefined) {
+    const dir = checkedPath(base.tlsDir, 'TLS directory');
+    lines.push(
+      `certfile = ${dir}/server-cert.pem`,
+      `keyfile = ${dir}/server-key.pem`,
+      `cacertfile = ${dir}/ca-cert.pem`,
+      'force_tls = true',
+    );
+  }
   return `${lines.join('\n')}\n`;
 }
 

@@ -56,7 +56,17 @@ export interface QemuStorageDaemonOptions {
    * GLIBC_TUNABLES is already set in the controller's environment (that one is inherited).
    */
   glibcTunables?: string;
+  /**
+   * Directory with ca-cert.pem, server-cert.pem, server-key.pem: the NBD server then requires
+   * TLS and a client certificate signed by that CA (tls-creds-x509 with verify-peer=on).
+   * QEMU reads the files when the daemon starts; a changed certificate reaches it at its next
+   * start (a restart cuts its clients, so none is done for a certificate). Default: plain NBD.
+   */
+  tlsDir?: string;
 }
+
+/** The id of the daemon's TLS credentials object; its presence tells an adopted daemon's TLS setting. */
+const TLS_CREDS_ID = 'nbd-tls-creds';
 
 /** NBD request buffers up to 4 MiB come from the heap; up to 64 MiB of freed heap is kept. */
 export const DEFAULT_GLIBC_TUNABLES =
@@ -103,6 +113,7 @@ export class QemuStorageDaemon {
   readonly #binary: string;
   readonly #timeoutMs: number;
   readonly #glibcTunables: string;
+  readonly #tlsDir: string | undefined;
 
   #qmp: QmpClient | undefined;
   #pid: number | undefined;
@@ -142,6 +153,7 @@ export class QemuStorageDaemon {
     this.#binary = options.binary ?? 'qemu-storage-daemon';
     this.#timeoutMs = options.timeoutMs ?? 30_000;
     this.#glibcTunables = options.glibcTunables ?? DEFAULT_GLIBC_TUNABLES;
+    this.#tlsDir = options.tlsDir;
   }
 
   /** Adopts the running daemon of this state directory, or starts one; then reconciles exports.json with it. */
@@ -383,6 +395,18 @@ export class QemuStorageDaemon {
     });
   }
 
+  /** Whether an adopted daemon has our TLS credentials object (it was started with --tls-dir). */
+  async #servesTls(qmp: QmpClient): Promise<boolean> {
+    try {
+      const objects = await this.#execute<{ name: string }[]>(qmp, 'qom-list', { path: '/objects' });
+      return objects.some((object) => object.name === TLS_CREDS_ID);
+    } catch (error) {
+      // QEMU creates /objects with the first object: a daemon started without any has none.
+      if (error instanceof QmpError && error.class === 'DeviceNotFound') return false;
+      throw error;
+    }
+  }
+
   #serial<T>(work: () => Promise<T>): Promise<T> {
     return this.#lock.run(work);
   }
@@ -414,9 +438,27 @@ export class QemuStorageDaemon {
       await this.#terminate(pid);
       pid = undefined;
     }
-    let qmp: QmpClient;
+    let qmp: QmpClient | undefined;
     if (pid !== undefined) {
       qmp = await QmpClient.connect(this.#socketPath, { timeoutMs: this.#timeoutMs });
+      const servesTls = await this.#servesTls(qmp).catch((error: unknown) => {
+        qmp?.close(); // QMP serves one client at a time: never leave ours open
+        throw error;
+      });
+      if (servesTls !== (this.#tlsDir !== undefined)) {
+        // Adopting it would serve plain NBD where TLS is required (or the reverse) while
+        // status.uri says otherwise: the TLS setting outranks its connected clients.
+        this.#logger.warn(
+          { pid, tls: this.#tlsDir !== undefined },
+          'the running qemu-storage-daemon has another TLS setting; restarting it (its clients are cut)',
+        );
+        qmp.close();
+        await this.#terminate(pid);
+        pid = undefined;
+        qmp = undefined;
+      }
+    }
+    if (qmp !== undefined && pid !== undefined) {
       this.#pid = pid;
       this.#adopted = true;
       this.#logger.info({ pid }, 'adopted the running qemu-storage-daemon');
@@ -445,8 +487,15 @@ export class QemuStorageDaemon {
       `socket,id=${QMP_CHARDEV_ID},path=${qemuOptionValue(this.#socketPath)},server=on,wait=off`,
       '--monitor',
       `chardev=${QMP_CHARDEV_ID}`,
+      ...(this.#tlsDir === undefined
+        ? []
+        : [
+            '--object',
+            `tls-creds-x509,id=${TLS_CREDS_ID},dir=${qemuOptionValue(this.#tlsDir)},endpoint=server,verify-peer=on`,
+          ]),
       '--nbd-server',
-      `addr.type=inet,addr.host=${qemuOptionValue(this.#listenAddress)},addr.port=${this.#port}`,
+      `addr.type=inet,addr.host=${qemuOptionValue(this.#listenAddress)},addr.port=${this.#port}` +
+        (this.#tlsDir === undefined ? '' : `,tls-creds=${TLS_CREDS_ID}`),
       '--pidfile',
       this.#pidFile,
     ];

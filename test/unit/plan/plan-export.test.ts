@@ -366,6 +366,29 @@ describe('planExport: converging', () => {
     });
     expect(kinds(plan.actions)).toEqual(['claimExport', 'addQemuExport']);
     expect(plan.fields.uri).toBe('nbd://10.20.1.5:10810/backups.vm-1-full');
+    const withTls = planExport({
+      resource: resource({ source: { file: { path: RAW, format: 'raw' } } }),
+      observed: converged({
+        path: {
+          kind: 'resolved',
+          realPath: RAW,
+          exists: true,
+          parentExists: true,
+          isFile: true,
+          isBlockDevice: false,
+        },
+        image: {
+          kind: 'present',
+          info: { format: 'raw', virtualSize: GiB, actualSize: GiB, backingChain: [] },
+        },
+        desired: { server: 'qemu-storage-daemon', exportName: 'backups.vm-1-full', running: true },
+        owned: undefined,
+        ledger: undefined,
+      }),
+      policy: { ...policy, rawServer: 'qemu-storage-daemon', tls: true },
+    });
+    // --tls-dir: clients must use TLS, and the URI tells libnbd and QEMU so.
+    expect(withTls.fields.uri).toBe('nbds://10.20.1.5:10810/backups.vm-1-full');
   });
 });
 

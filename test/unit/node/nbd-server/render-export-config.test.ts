@@ -181,6 +181,19 @@ describe('renderBaseConfig', () => {
     );
   });
 
+  it('with a TLS directory, requires TLS and names the certificates in the layout QEMU uses', () => {
+    const lines = body(renderBaseConfig({ ...base, tlsDir: '/etc/nbdx/tls' }));
+    expect(lines).toEqual(
+      expect.arrayContaining([
+        'certfile = /etc/nbdx/tls/server-cert.pem',
+        'keyfile = /etc/nbdx/tls/server-key.pem',
+        'cacertfile = /etc/nbdx/tls/ca-cert.pem',
+        'force_tls = true',
+      ]),
+    );
+    expect(body(renderBaseConfig(base)).some((line) => /tls|cert|key/.test(line))).toBe(false);
+  });
+
   it.each([
     ['port 0', { port: 0 }],
     ['a port too large', { port: 65536 }],
@@ -192,6 +205,8 @@ describe('renderBaseConfig', () => {
     ['a newline in includedir', { includeDir: '/x\n[y]' }],
     ['a user with a newline', { user: 'nbd\nprerun=id' }],
     ['a group with a space', { group: 'di sk' }],
+    ['a relative TLS directory', { tlsDir: 'tls' }],
+    ['a newline in the TLS directory', { tlsDir: '/etc/tls\nprerun=id' }],
   ])('refuses %s', (_, overrides) => {
     expect(() => renderBaseConfig({ ...base, ...overrides })).toThrow(TypeError);
   });
