@@ -107,8 +107,13 @@ function planNextStep({ resource, desired, observed, policy }: PlanInput): Expor
         ),
         fields,
       };
+    // Devices come and go without an event reaching the controller: look again now and then.
     if (!path.exists)
-      return { ...notReady(Reason.ImageNotFound, `block device ${specPath} does not exist`), fields };
+      return {
+        ...notReady(Reason.ImageNotFound, `block device ${specPath} does not exist`),
+        fields,
+        requeueAfterMs: RECHECK_FILESYSTEM_MS,
+      };
     if (!path.isBlockDevice)
       return {
         ...notReady(Reason.ImageInvalid, `${specPath} (${path.realPath}) is not a block device`),

@@ -862,3 +862,25 @@ describe('planExport: the size a client is told', () => {
     expect(probeSize('qemu-storage-daemon')).toEqual({ fields: 1_000_448 });
   });
 });
+
+describe('planExport: a block device that is not there', () => {
+  it('is ImageNotFound and looked at again, since no event tells when it appears', () => {
+    const plan = planExport({
+      resource: resource({ source: { blockDevice: { path: '/dev/disk/by-id/nvme-x' } } }),
+      observed: converged({
+        path: {
+          kind: 'resolved',
+          realPath: '/dev/disk/by-id/nvme-x',
+          exists: false,
+          parentExists: true,
+          isFile: false,
+          isBlockDevice: false,
+        },
+        owned: undefined,
+      }),
+      policy,
+    });
+    expect(ready(plan)?.reason).toBe('ImageNotFound');
+    expect(plan.requeueAfterMs).toBe(15_000);
+  });
+});
