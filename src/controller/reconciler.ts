@@ -12,7 +12,7 @@ import {
 import type { Action } from '../plan/actions.js';
 import { decideConflicts, type Claim } from '../plan/conflicts.js';
 import { desiredExportOf } from '../plan/desired-export.js';
-import { isPathAllowed, type NodePolicy } from '../plan/node-policy.js';
+import { exportUri, isPathAllowed, type NodePolicy } from '../plan/node-policy.js';
 import type { ObservedExport, ProbeObservation } from '../plan/observed-state.js';
 import { planExport, type ExportPlan } from '../plan/plan-export.js';
 import { ExportBusyError, ImageLockedError } from '../node/qemu-storage-daemon/errors.js';
@@ -141,11 +141,7 @@ export class Reconciler {
 
   /** Where this node's own clients (the checksum reader) reach an export. */
   #localUri(server: ServerKind, exportName: string): string {
-    const host = this.#policy.probeHost.includes(':')
-      ? `[${this.#policy.probeHost}]`
-      : this.#policy.probeHost;
-    const port = server === 'nbd-server' ? this.#policy.nbdServerPort : this.#policy.qemuPort;
-    return `nbd://${host}:${port}/${exportName}`;
+    return exportUri(this.#policy, this.#policy.probeHost, server, exportName);
   }
 
   #probeOf(key: ResourceKey): ProbeObservation | undefined {

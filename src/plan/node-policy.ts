@@ -70,3 +70,19 @@ export function isPathAllowed(
     ? policy.allowedDevices.some((pattern) => matchesDevicePattern(realPath, pattern))
     : isInsideAnyRoot(realPath, policy.allowedRoots);
 }
+
+/**
+ * Where a server of this node serves an export, as an NBD URI: `host` is the address clients
+ * use (status.uri: the advertised one) or the node's own (the probe's, for its own readers).
+ */
+export function exportUri(
+  policy: Pick<NodePolicy, 'nbdServerPort' | 'qemuPort'>,
+  host: string,
+  server: ServerKind,
+  exportName: string,
+  scheme: 'nbd' | 'nbds' = 'nbd',
+): string {
+  const bracketed = host.includes(':') ? `[${host}]` : host;
+  const port = server === 'nbd-server' ? policy.nbdServerPort : policy.qemuPort;
+  return `${scheme}://${bracketed}:${port}/${exportName}`;
+}

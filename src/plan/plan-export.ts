@@ -20,7 +20,7 @@ import {
 import type { Action, ActionKind } from './actions.js';
 import type { DesiredExport, InvalidExport } from './desired-export.js';
 import { planSeal } from './plan-seal.js';
-import { isInsideAnyRoot, isPathAllowed, type NodePolicy } from './node-policy.js';
+import { exportUri, isInsideAnyRoot, isPathAllowed, type NodePolicy } from './node-policy.js';
 import type { ExecutionFailure, ImageInfo, ObservedExport, ProbeObservation } from './observed-state.js';
 
 /** The status fields the planner decides; the reconciler adds observedGeneration and conditions. */
@@ -685,10 +685,8 @@ function allowListFor(spec: NbdExportSpec, policy: NodePolicy): string[] {
 }
 
 function uriFor(policy: NodePolicy, server: ServerKind, exportName: string): string {
-  const host = policy.advertiseHost.includes(':') ? `[${policy.advertiseHost}]` : policy.advertiseHost;
-  const port = server === 'nbd-server' ? policy.nbdServerPort : policy.qemuPort;
   // nbds:// tells libnbd (and QEMU) to insist on TLS: with --tls-dir a plain client is refused anyway.
-  return `${policy.tls === true ? 'nbds' : 'nbd'}://${host}:${port}/${exportName}`;
+  return exportUri(policy, policy.advertiseHost, server, exportName, policy.tls === true ? 'nbds' : 'nbd');
 }
 
 function readyFrom(exported: ConditionDraft): ConditionDraft {
