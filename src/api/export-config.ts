@@ -23,6 +23,12 @@ export interface ExportConfig {
    * ends where this list ends.
    */
   backing?: { path: string; format: ImageFormat }[];
+  /**
+   * nbd-server: `<st_dev>:<st_ino>` of the file the controller checked. nbd-server opens the
+   * path again at every connection; a connection is refused when the path leads elsewhere.
+   * (qemu-storage-daemon holds the file it opened, so it needs none.)
+   */
+  fileId?: string;
 }
 
 /**
@@ -41,6 +47,7 @@ export function fingerprintOf(config: ExportConfig): string {
     config.maxConnections,
     [...config.allowedClients].sort(),
     ...(config.backing && config.backing.length > 0 ? [config.backing] : []),
+    ...(config.fileId === undefined ? [] : [{ fileId: config.fileId }]),
   ]);
   return createHash('sha256').update(canonical).digest('hex').slice(0, 16);
 }

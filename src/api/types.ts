@@ -107,6 +107,18 @@ export interface SealVerification {
   message?: string;
 }
 
+/** Who may connect to an export, as the node enforces it (status.access). */
+export interface ClientAccess {
+  /** CIDRs whose clients are served; empty: any address. */
+  allowedClients: string[];
+  /** Clients served at once; absent: the server cannot limit them per export. */
+  maxConnections?: number;
+  /** Clients must present a certificate signed by the node's CA (run --tls-dir). */
+  clientCertificate: boolean;
+  /** What enforces these rules on the node. */
+  enforcedBy: string;
+}
+
 export interface NbdExportStatus {
   observedGeneration?: number;
   exportName?: string;
@@ -116,6 +128,7 @@ export interface NbdExportStatus {
   virtualSize?: number;
   actualSize?: number;
   backingChain?: string[];
+  access?: ClientAccess;
   seal?: IntegritySeal;
   verification?: SealVerification;
   conditions?: Condition[];

@@ -163,6 +163,8 @@ export interface ImageRefusal {
 /** What `qemu-img info --backing-chain` told the controller, from our own reading. */
 export interface ImageChainSummary {
   format: DetectedImageFormat;
+  /** The top image's `<st_dev>:<st_ino>`, from the descriptor its header was read through. */
+  fileId: string;
   virtualSize: number;
   actualSize: number;
   /** Real paths of the backing images, nearest first. */
@@ -277,6 +279,7 @@ export function summarizeImageChain(inspection: {
   const header = top.header.kind === 'qcow2' && top.openAs === 'qcow2' ? top.header.header : undefined;
   return {
     format: top.openAs,
+    fileId: top.file.fileId,
     virtualSize: header ? header.virtualSize : top.file.size,
     actualSize: top.file.allocatedBytes,
     backingChain: backing.map((image) => image.realPath),

@@ -9,7 +9,7 @@ export interface NodePolicy {
   allowedDevices: readonly string[];
   /** Host clients use, in status.uri. */
   advertiseHost: string;
-  /** Address the probe connects from and to; added to an allow-list so probes get in. */
+  /** Address the probe connects from and to. (nbd-server's admission hook knows the probe by its process, not its address.) */
   probeHost: string;
   nbdServerPort: number;
   qemuPort: number;

@@ -20,6 +20,8 @@ export type PathObservation =
 
 export interface ImageInfo {
   format: string;
+  /** `<st_dev>:<st_ino>` of the file read (absent: not known, e.g. in older observations). */
+  fileId?: string;
   virtualSize: number;
   actualSize: number;
   /** Real paths of the backing images, nearest first. */

@@ -10,6 +10,7 @@ import { parseQuantity } from '../api/quantity.js';
 import { ConditionType, EventReason, Reason } from '../api/reasons.js';
 import {
   FINALIZER,
+  type ClientAccess,
   type ExportEvent,
   type ImageFormat,
   type NbdExport,
@@ -77,7 +78,13 @@ function planNextStep({ resource, desired, observed, policy }: PlanInput): Expor
     return waiting([{ kind: 'addFinalizer' }], Reason.Reconciling, 'adding the cleanup finalizer');
 
   const { spec, exportName, format, server, isDevice, specPath } = desired;
-  const fields: StatusFields = { exportName, server, format, uri: uriFor(policy, server, exportName) };
+  const fields: StatusFields = {
+    exportName,
+    server,
+    format,
+    uri: uriFor(policy, server, exportName),
+    access: accessFor(spec, server, policy),
+  };
   if (observed.executionFailure) return { ...failedPlan(observed.executionFailure), fields };
 
   if (observed.conflict) {
@@ -143,7 +150,7 @@ function planNextStep({ resource, desired, observed, policy }: PlanInput): Expor
     return {
       ...notReady(
         Reason.Unsupported,
-        'allowedClients is enforced only by nbd-server, but this export is served by qemu-storage-daemon (QCOW2, or the node serves every format with it), which cannot filter clients by address. Remove allowedClients and restrict the port by network policy instead.',
+        'allowedClients is enforced only by nbd-server (its admission hook), but this export is served by qemu-storage-daemon (QCOW2, or the node serves every format with it), which cannot filter clients by address per export. Remove allowedClients and restrict who reaches the port (network policy, or client certificates with run --tls-dir).',
       ),
       fields,
     };
@@ -200,8 +207,9 @@ function planNextStep({ resource, desired, observed, policy }: PlanInput): Expor
     blockDevice: isDevice,
     readOnly: spec.readOnly ?? false,
     maxConnections: spec.maxConnections ?? 1,
-    allowedClients: allowListFor(spec, policy),
+    allowedClients: spec.allowedClients ?? [],
     ...(format === 'qcow2' && info.backingChain.length > 0 ? { backing: backingOf(info) } : {}),
+    ...(server === 'nbd-server' && info.fileId !== undefined ? { fileId: info.fileId } : {}),
   };
   const clientSize = servedSize(server, format, info.virtualSize);
   const serving = planServing(config, observed, clientSize);
@@ -676,12 +684,24 @@ function warningEventFor(reason: string): string | undefined {
   }
 }
 
-/** The allow-list written for the server; the probe's own address is let in so that probing works. */
-function allowListFor(spec: NbdExportSpec, policy: NodePolicy): string[] {
-  const list = spec.allowedClients ?? [];
-  if (list.length === 0) return [];
-  const probe = policy.probeHost.includes(':') ? `${policy.probeHost}/128` : `${policy.probeHost}/32`;
-  return list.includes(probe) || list.includes(policy.probeHost) ? [...list] : [...list, probe];
+/** The client rules in force for an export (status.access): what its server can enforce. */
+function accessFor(spec: NbdExportSpec, server: ServerKind, policy: NodePolicy): ClientAccess {
+  const clientCertificate = policy.tls === true;
+  if (server === 'nbd-server')
+    return {
+      allowedClients: spec.allowedClients ?? [],
+      maxConnections: spec.maxConnections ?? 1,
+      clientCertificate,
+      enforcedBy:
+        "nbd-server's admission hook, at every connection (the controller's own probe is let in by its process, not its address)",
+    };
+  return {
+    allowedClients: [],
+    clientCertificate,
+    enforcedBy: clientCertificate
+      ? "qemu-storage-daemon: any client with a certificate from the node's CA; it cannot filter addresses or count clients per export"
+      : 'nothing per export: qemu-storage-daemon serves any client that reaches its port; it cannot filter addresses or count clients per export',
+  };
 }
 
 function uriFor(policy: NodePolicy, server: ServerKind, exportName: string): string {

@@ -5,7 +5,7 @@
  * Every test has its own directory and port, and ends every process it started.
  */
 import { once } from 'node:events';
-import { mkdtemp, readFile, rm, truncate } from 'node:fs/promises';
+import { mkdtemp, readFile, rename, rm, stat, truncate } from 'node:fs/promises';
 import { connect, type Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -28,10 +28,17 @@ import { waitFor } from '../support/poll.js';
 import { freePorts, requireBinary } from '../support/repo.js';
 import { rawExportConfig } from '../support/export-config.js';
 import { fingerprintOf } from '../../src/api/export-config.js';
+import { probeExport } from '../../src/node/nbd-probe.js';
 
 const MiB = 1024 * 1024;
 
 const rawExport = rawExportConfig;
+
+/** `<st_dev>:<st_ino>`, as the controller records the file it checked. */
+async function fileIdOf(path: string): Promise<string> {
+  const info = await stat(path, { bigint: true });
+  return `${info.dev}:${info.ino}`;
+}
 
 describe('NbdServerSupervisor (real nbd-server)', () => {
   let root: string;
@@ -367,19 +374,79 @@ describe('NbdServerSupervisor (real nbd-server)', () => {
     expect(third.status().restarts).toBe(0);
   });
 
-  it('renders authfiles that nbd-server enforces, and read-only exports', async () => {
+  it('admits by the rules of the moment: allowedClients, and read-only exports', async () => {
     await setUp();
     const a = await sparseFile('a.raw', MiB);
-    const server = supervisor();
+    const server = supervisor({ controllerPid: null }); // every client of this test is an outsider
     await server.writeExport(rawExport('fenced', a, { allowedClients: ['192.0.2.0/24'] }));
     await server.writeExport(rawExport('open', a, { readOnly: true }));
     await server.start();
     expect(await isServed(uri('fenced'))).toBe(false);
+    expect(await isServed(uri('open'))).toBe(true);
     expect(await canWrite(uri('open'))).toBe(false);
 
+    // The hook reads the rules at every connection: a widened list lets 127.0.0.1 in before any hand-over.
     await server.writeExport(rawExport('fenced', a, { allowedClients: ['192.0.2.0/24', '127.0.0.0/8'] }));
+    expect(await isServed(uri('fenced'))).toBe(true);
     await applied(server, ['fenced', 'open']);
     expect(await isServed(uri('fenced'))).toBe(true);
+    const log = await readFile(server.admissionLogPath, 'utf8');
+    expect(log).toContain('"msg":"client refused"');
+    expect(log).toContain('client 127.0.0.1 is not in allowedClients (192.0.2.0/24)');
+  });
+
+  it('lets the controller (and what it starts) through an allow-list that does not name its address', async () => {
+    await setUp();
+    const a = await sparseFile('a.raw', MiB);
+    const server = supervisor(); // this process is the controller
+    await server.writeExport(rawExport('fenced', a, { allowedClients: ['192.0.2.0/24'] }));
+    await server.start();
+    const probe = await probeExport({ host: '127.0.0.1', port, exportName: 'fenced' });
+    expect(probe).toMatchObject({ ok: true, size: MiB });
+    expect(await isServed(uri('fenced'))).toBe(true); // nbdinfo is this process's child
+  });
+
+  it("maxConnections counts clients at once, not over the server's life", async () => {
+    await setUp();
+    const disk = await sparseFile('disk.raw', 64 * MiB);
+    const server = supervisor({ controllerPid: null });
+    await server.writeExport(rawExport('single', disk, { maxConnections: 1 }));
+    await server.start();
+    for (let round = 0; round < 3; round++) expect(await isServed(uri('single'))).toBe(true);
+
+    const payload = join(root, 'payload.bin');
+    await writeRandomFile(payload, 64 * MiB);
+    const transfer = new HeldTransfer(payload, uri('single'), 32 * MiB);
+    transfers.push(transfer);
+    await transfer.firstHalfWritten();
+    await waitFor('the held client to be served', async () =>
+      (await server.connections()).get('single')?.length === 1 ? true : undefined,
+    );
+    expect(await isServed(uri('single'))).toBe(false); // a second client at once
+    expect(await readFile(server.admissionLogPath, 'utf8')).toContain('maxConnections is 1');
+    expect((await transfer.finish()).exitCode).toBe(0);
+    expect(await isServed(uri('single'))).toBe(true); // the first has left
+    expect(await sha256File(disk)).toBe(await sha256File(payload));
+  });
+
+  it('refuses every client, the controller too, when the path names another file than the one checked', async () => {
+    await setUp();
+    const a = await sparseFile('a.raw', MiB);
+    const server = supervisor();
+    await server.writeExport(rawExport('checked', a, { fileId: await fileIdOf(a) }));
+    await server.start();
+    expect(await isServed(uri('checked'))).toBe(true);
+
+    const swapped = await sparseFile('swapped.raw', 2 * MiB);
+    await rename(swapped, a); // the same name, another file
+    const probe = await probeExport({ host: '127.0.0.1', port, exportName: 'checked' });
+    expect(probe.ok).toBe(false);
+    expect(await isServed(uri('checked'))).toBe(false);
+    expect(await readFile(server.admissionLogPath, 'utf8')).toContain('names another file');
+
+    await server.writeExport(rawExport('checked', a, { fileId: await fileIdOf(a) })); // checked again
+    await applied(server, ['checked']);
+    expect(await exportSize(uri('checked'))).toBe(2 * MiB);
   });
 
   it('stops serving when the last export is removed, and starts again when one is added', async () => {

@@ -1,15 +1,31 @@
 /**
- * nbd-server's conf.d (one `<stem>.conf` per export) and the authfiles next to it
- * (auth/<stem>.allow). Files are written atomically and only when their content
- * changes; only files carrying our header are ever read back, replaced or deleted.
+ * nbd-server's conf.d (one `<stem>.conf` per export) and each export's admission files in
+ * auth/ (rules, the hook's lock, the slots of connected clients). Files are written
+ * atomically and only when their content changes; only files carrying our header are
+ * ever read back or replaced, and only ours (or what our hook made) is deleted.
  */
 import { mkdir, readdir, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { ExportConfig } from '../../api/export-config.js';
 import { removeTemporaryFiles, syncDirectory, writeFileAtomic } from '../../shared/atomic-file.js';
 import { readFileIfPresent } from '../../shared/read-file-if-present.js';
-import { authFileNameOf, confFileNameOf } from './conf-file-name.js';
-import { isOurs, parseConfHeader, renderExportFiles, type ConfHeader } from './render-export-config.js';
+import { renderAdmissionRules } from './admission-rules.js';
+import { startTicksOf } from '../process/proc-scan.js';
+import {
+  admissionPathsOf,
+  confFileNameOf,
+  controllerFileOf,
+  RULES_SUFFIX,
+  slotsDirOf,
+} from './conf-file-name.js';
+import {
+  HEADER_PREFIX,
+  isOurs,
+  parseConfHeader,
+  renderExportConf,
+  type AdmissionHookCommand,
+  type ConfHeader,
+} from './render-export-config.js';
 
 /** An export as its conf.d file describes it. */
 export interface ConfiguredExport extends ConfHeader {
@@ -20,15 +36,24 @@ export interface ConfiguredExport extends ConfHeader {
 export class ConfDir {
   readonly confDir: string;
   readonly authDir: string;
+  readonly #hook: AdmissionHookCommand;
+  readonly #controllerPid: number | null;
 
-  constructor(confDir: string, authDir: string) {
+  /** `controllerPid`: the process the hook lets in unfiltered and uncounted, with its children; null: none. */
+  constructor(confDir: string, authDir: string, hook: AdmissionHookCommand, controllerPid: number | null) {
     this.confDir = confDir;
     this.authDir = authDir;
+    this.#hook = hook;
+    this.#controllerPid = controllerPid;
   }
 
   async ensure(): Promise<void> {
     await mkdir(this.confDir, { recursive: true });
     await mkdir(this.authDir, { recursive: true, mode: 0o755 });
+    // The admission hook lets the controller's process and its children in unfiltered.
+    const pid = this.#controllerPid;
+    const identity = pid === null ? '0 0' : `${pid} ${startTicksOf(pid) ?? 0}`;
+    await writeIfChanged(controllerFileOf(this.authDir), `${HEADER_PREFIX}controller process\n${identity}\n`);
   }
 
   /** Removes what interrupted atomic writes left behind; returns the names removed. */
@@ -57,24 +82,31 @@ export class ConfDir {
   }
 
   /**
-   * Writes the export's files; returns whether anything changed. The authfile goes
-   * first: nbd-server lets everyone in when a referenced authfile is missing.
+   * Writes the export's rules, then its conf; returns whether anything changed. The rules
+   * take effect at the next connection, before any hand-over; a conf whose rules are
+   * missing refuses every client (the hook fails closed).
    */
   async write(config: ExportConfig): Promise<boolean> {
-    const authPath = join(this.authDir, authFileNameOf(config.exportName));
-    const files = renderExportFiles(config, authPath);
+    const { rulesPath, lockPath } = admissionPathsOf(this.authDir, config.exportName);
+    const conf = renderExportConf(config, { hook: this.#hook, rulesPath, lockPath });
     await this.ensure();
-    let changed = false;
-    if (files.authfile !== undefined) changed = await writeIfChanged(authPath, files.authfile);
+    const rules = renderAdmissionRules({
+      exportName: config.exportName,
+      path: config.path,
+      ...(config.fileId === undefined ? {} : { fileId: config.fileId }),
+      allowedClients: config.allowedClients,
+      maxConnections: config.maxConnections,
+    });
+    const rulesChanged = await writeIfChanged(rulesPath, rules);
     return (
-      (await writeIfChanged(join(this.confDir, confFileNameOf(config.exportName)), files.conf)) || changed
+      (await writeIfChanged(join(this.confDir, confFileNameOf(config.exportName)), conf)) || rulesChanged
     );
   }
 
   /**
-   * Removes the export's conf file; returns whether it was there. Its authfile stays: a
-   * running nbd-server may still serve the export until the next restart, and without
-   * the file it would let everyone in. `removeUnreferencedAuthfiles` retires it later.
+   * Removes the export's conf file; returns whether it was there. Its rules stay: a running
+   * nbd-server may still serve the export until the next restart (without them the hook
+   * refuses everyone, which is safe but abrupt). `removeUnreferenced` retires them later.
    */
   async remove(exportName: string): Promise<boolean> {
     const path = join(this.confDir, confFileNameOf(exportName));
@@ -85,15 +117,23 @@ export class ConfDir {
     return true;
   }
 
-  /** Deletes our authfiles that no path in `referenced` names; returns how many. */
-  async removeUnreferencedAuthfiles(referenced: ReadonlySet<string>): Promise<number> {
+  /**
+   * Deletes our rules files (and authfiles of earlier versions) that no path in
+   * `referenced` names, with the lock and slots that go with them; returns how many.
+   */
+  async removeUnreferenced(referenced: ReadonlySet<string>): Promise<number> {
     let removed = 0;
     for (const file of await readdir(this.authDir).catch(() => [])) {
       const path = join(this.authDir, file);
-      if (!file.endsWith('.allow') || referenced.has(path)) continue;
+      const rules = file.endsWith(RULES_SUFFIX);
+      if (!(rules || file.endsWith('.allow')) || referenced.has(path)) continue;
       const text = await readFileIfPresent(path);
       if (text === undefined || !isOurs(text)) continue;
       await rm(path, { force: true });
+      if (rules) {
+        await rm(`${path.slice(0, -RULES_SUFFIX.length)}.lock`, { force: true });
+        await rm(slotsDirOf(path), { recursive: true, force: true });
+      }
       removed++;
     }
     if (removed > 0) await syncDirectory(this.authDir);

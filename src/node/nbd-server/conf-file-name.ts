@@ -9,6 +9,7 @@
  * a short one, and two long names collide only if SHA-256 does.
  */
 import { createHash } from 'node:crypto';
+import { join } from 'node:path';
 
 const MAX_STEM = 200;
 const SAFE_BYTE = /^[A-Za-z0-9_.-]$/;
@@ -38,7 +39,40 @@ export function confFileNameOf(exportName: string): string {
   return `${fileStemOf(exportName)}.conf`;
 }
 
-/** `<stem>.allow`, the export's authfile. */
-export function authFileNameOf(exportName: string): string {
-  return `${fileStemOf(exportName)}.allow`;
+/** Where one export's admission lives in auth/: its rules, its hook's lock, its clients' slots. */
+export interface AdmissionPaths {
+  rulesPath: string;
+  lockPath: string;
+  slotsDir: string;
+}
+
+/**
+ * `<digest>.rules`, `<digest>.lock` and `<digest>.clients/` in `authDir`. Named by a digest
+ * of the export name, not its stem: the paths go into the hook's command line, where
+ * nbd-server's printf would read a `%` of an encoded name as a conversion.
+ */
+export function admissionPathsOf(authDir: string, exportName: string): AdmissionPaths {
+  const digest = createHash('sha256').update(exportName, 'utf8').digest('hex').slice(0, 32);
+  const rulesPath = join(authDir, `${digest}${RULES_SUFFIX}`);
+  return { rulesPath, lockPath: join(authDir, `${digest}.lock`), slotsDir: slotsDirOf(rulesPath) };
+}
+
+/** The slots directory that goes with a rules file (the hook knows only the rules' path). */
+export function slotsDirOf(rulesPath: string): string {
+  return `${rulesPath.slice(0, -RULES_SUFFIX.length)}.clients`;
+}
+
+export const RULES_SUFFIX = '.rules';
+
+/**
+ * The file in auth/ naming the controller's process (last line `<pid> <start ticks>`): the hook lets
+ * that process and its children in unfiltered and uncounted (the probe, the checksum reader).
+ */
+export function controllerFileOf(authDir: string): string {
+  return join(authDir, 'controller');
+}
+
+/** The admission hook's own log in auth/: one JSON line per decision (nbd-server's daemon has no stderr). */
+export function admissionLogOf(authDir: string): string {
+  return join(authDir, 'admission.log');
 }

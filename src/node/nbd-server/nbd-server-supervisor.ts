@@ -37,7 +37,9 @@ import {
   type LoadedExport,
   type LoadedRecord,
 } from './loaded-record.js';
-import { checkedPath, renderBaseConfig } from './render-export-config.js';
+import { defaultAdmissionHook } from './admission-hook-command.js';
+import { admissionLogOf } from './conf-file-name.js';
+import { checkedPath, renderBaseConfig, type AdmissionHookCommand } from './render-export-config.js';
 import {
   isListeningOn,
   processesListeningOn,
@@ -61,8 +63,16 @@ export interface NbdServerSupervisorOptions {
   maxDelayMs?: number;
   /** The nbd-server program, by name (looked up in PATH) or path. Default 'nbd-server'. */
   binary?: string;
-  /** Account nbd-server switches to after binding the port. Default: none (stays root). */
-  runAs?: { user: string; group?: string };
+  /**
+   * How nbd-server runs the admission hook before serving each client (a prerun command).
+   * Default: flock from PATH, this Node runtime, and the hook built next to this module.
+   */
+  admissionHook?: AdmissionHookCommand;
+  /**
+   * The controller's process: its connections and its children's (the probe, the checksum
+   * reader) pass the admission hook unfiltered and uncounted. Default this process; null: none.
+   */
+  controllerPid?: number | null;
   /** How often the watchdog checks that the parent is alive. Default 1000 ms. */
   watchdogIntervalMs?: number;
   /** How long a new parent may take to listen. Default 15000 ms. */
@@ -106,10 +116,11 @@ export class NbdServerSupervisor {
   readonly pidPath: string;
   readonly loadedPath: string;
   readonly logPath: string;
+  /** The admission hook's decisions, one JSON line each. */
+  readonly admissionLogPath: string;
   readonly port: number;
   readonly #listenAddress: string;
   readonly #binary: string;
-  readonly #runAs: { user: string; group?: string } | undefined;
   readonly #log: Logger;
   readonly #confDir: ConfDir;
   readonly #scheduler: ApplyScheduler;
@@ -145,21 +156,25 @@ export class NbdServerSupervisor {
     this.pidPath = join(this.dir, 'nbd-server.pid');
     this.loadedPath = join(this.dir, 'loaded.json');
     this.logPath = join(this.dir, 'nbd-server.log');
-    this.#confDir = new ConfDir(join(this.dir, 'conf.d'), join(this.dir, 'auth'));
+    this.admissionLogPath = admissionLogOf(join(this.dir, 'auth'));
+    this.#confDir = new ConfDir(
+      join(this.dir, 'conf.d'),
+      join(this.dir, 'auth'),
+      options.admissionHook ?? defaultAdmissionHook(),
+      options.controllerPid === undefined ? process.pid : options.controllerPid,
+    );
     this.port = options.port ?? 10809;
     this.#listenAddress = options.listenAddress ?? '0.0.0.0';
     this.#binary = options.binary ?? 'nbd-server';
-    this.#runAs = options.runAs;
     this.#log = options.logger.child({ component: 'nbd-server' });
     this.#watchdogIntervalMs = options.watchdogIntervalMs ?? 1_000;
     this.#startTimeoutMs = options.startTimeoutMs ?? 15_000;
     this.#handshakeTimeoutMs = options.handshakeTimeoutMs ?? HANDSHAKE_TIMEOUT_MS;
-    // Validates port, address and accounts now: a bad option is a TypeError at construction.
+    // Validates port and address now: a bad option is a TypeError at construction.
     this.#baseConfig = renderBaseConfig({
       port: this.port,
       listenAddress: this.#listenAddress,
       includeDir: this.#confDir.confDir,
-      ...(this.#runAs === undefined ? {} : this.#runAs),
       ...(options.tlsDir === undefined ? {} : { tlsDir: options.tlsDir }),
     });
     const debounceMs = options.debounceMs ?? 200;
@@ -481,8 +496,10 @@ export class NbdServerSupervisor {
         this.#record = record;
         this.#pid = pid;
         if (pid === null) await rm(this.pidPath, { force: true });
-        const referenced = new Set([...configured.values()].flatMap((c) => (c.authfile ? [c.authfile] : [])));
-        await this.#confDir.removeUnreferencedAuthfiles(referenced);
+        const referenced = new Set(
+          [...configured.values()].flatMap((c) => [c.rules, c.authfile].filter((p) => p !== undefined)),
+        );
+        await this.#confDir.removeUnreferenced(referenced);
         this.#restarts++;
         this.#lastRestartAt = new Date();
         this.#lastError = null;
@@ -691,8 +708,10 @@ export class NbdServerSupervisor {
     const startedAt = performance.now();
     for (const child of holders)
       try {
+        // Its admission hook holds the socket too; only nbd-server's own processes are clients.
+        const client = isServerProcess(child, this.configPath);
         process.kill(child, 'SIGKILL');
-        this.#handshakesCut++;
+        if (client) this.#handshakesCut++;
       } catch {
         // Gone meanwhile.
       }
@@ -727,8 +746,9 @@ export class NbdServerSupervisor {
       this.#negotiatingSince.set(pid, since);
       if (now - since < this.#handshakeTimeoutMs) continue;
       try {
+        const client = isServerProcess(pid, this.configPath);
         process.kill(pid, 'SIGKILL');
-        this.#handshakesCut++;
+        if (client) this.#handshakesCut++;
         this.#log.info({ pid }, 'cut a client that did not finish its NBD handshake in time');
       } catch {
         // Gone meanwhile.

@@ -1,7 +1,9 @@
 /**
- * Renders nbd-server's configuration: the base config ([generic]), one export section
- * per conf.d file, and authfiles. Only keys this project knows are rendered (nbd-server
- * ignores unknown keys silently), never `prerun`/`postrun` (printf and system() as root).
+ * Renders nbd-server's configuration: the base config ([generic]) and one export section
+ * per conf.d file. Only keys this project knows are rendered (nbd-server ignores unknown
+ * keys silently). `prerun` runs our admission hook: nbd-server passes it through printf and
+ * system() as root, so the command is built only from checked absolute paths with no `%`,
+ * and the one `%s` becomes the export's path, itself of shell-safe characters only.
  *
  * Defence in depth: the planner validates specs, and every name and value is checked
  * again here against a strict pattern. Anything that could end a line, open a section,
@@ -24,7 +26,6 @@ const SECTION_NAME = /^[A-Za-z0-9][A-Za-z0-9._:-]{0,319}$/;
 const PATH = /^(\/[A-Za-z0-9._@%+,:-]+)+$/;
 const PATH_SEGMENT_DOTS = /(^|\/)\.{1,2}(\/|$)/;
 const PATH_MAX = 4096;
-const ACCOUNT = /^[a-z_][a-z0-9_-]{0,31}$/;
 const CIDR_PREFIX = /^(0|[1-9][0-9]{0,2})$/;
 
 export interface BaseConfig {
@@ -33,9 +34,6 @@ export interface BaseConfig {
   listenAddress: string;
   /** Absolute path of conf.d. */
   includeDir: string;
-  /** Run as this account (nbd-server switches after binding, before opening files). Omitted: stays root. */
-  user?: string;
-  group?: string;
   /**
    * Directory with ca-cert.pem, server-cert.pem, server-key.pem: every export then requires
    * TLS (force_tls) and a client certificate signed by that CA. nbd-server 3.24 verifies the
@@ -46,19 +44,34 @@ export interface BaseConfig {
   tlsDir?: string;
 }
 
-export interface ExportFiles {
-  /** The conf.d file content. */
-  conf: string;
-  /** The authfile content, when the export restricts clients. */
-  authfile?: string;
+/** The admission hook's command (see admission-hook.ts): absolute paths. */
+export interface AdmissionHookCommand {
+  /** flock(1): one hook at a time per export, so that counting its clients cannot race. */
+  flock: string;
+  /** The Node runtime that runs the hook. */
+  node: string;
+  /** The hook's script. */
+  script: string;
 }
+
+/** Where one export's admission lives: its rules, and the lock its hook runs under. */
+export interface ExportAdmission {
+  hook: AdmissionHookCommand;
+  rulesPath: string;
+  lockPath: string;
+}
+
+/** How long a connecting client waits for the export's lock before it is refused. */
+const ADMISSION_LOCK_WAIT_SECONDS = 10;
 
 /** What our header says about an export's conf file. */
 export interface ConfHeader {
   exportName: string;
   fingerprint: string;
   path: string;
-  /** The authfile this conf references, if any. */
+  /** The admission rules file this conf's hook reads. */
+  rules?: string;
+  /** An authfile (written by versions before the admission hook): removed once no conf names it. */
   authfile?: string;
 }
 
@@ -77,8 +90,6 @@ export function renderBaseConfig(base: BaseConfig): string {
     `includedir = ${checkedPath(base.includeDir, 'includedir')}`,
     'allowlist = false',
   ];
-  if (base.user !== undefined) lines.push(`user = ${checkedAccount(base.user, 'user')}`);
-  if (base.group !== undefined) lines.push(`group = ${checkedAccount(base.group, 'group')}`);
   if (base.tlsDir !== undefined) {
     const dir = checkedPath(base.tlsDir, 'TLS directory');
     lines.push(
@@ -92,15 +103,16 @@ export function renderBaseConfig(base: BaseConfig): string {
 }
 
 /**
- * The conf.d file of one export, and its authfile when `allowedClients` is non-empty.
- * `authfilePath` is where the authfile will be: it must be written before the conf
- * (nbd-server lets everyone in when an authfile is missing).
+ * The conf.d file of one export. Every connection to it passes the admission hook first
+ * (`prerun`: nbd-server refuses the client when it exits non-zero), which enforces the
+ * rules file: the client's address, the number of clients at once, and that the path still
+ * names the file the controller checked.
  *
  * `maxconnections` is deliberately not rendered: nbd-server 3.24 counts it over the
  * export's lifetime in one parent (one finished connection with maxconnections = 1
  * refuses every later one until a restart); see docs/nbd-server.md.
  */
-export function renderExportFiles(config: ExportConfig, authfilePath: string): ExportFiles {
+export function renderExportConf(config: ExportConfig, admission: ExportAdmission): string {
   if (config.server !== 'nbd-server')
     throw new TypeError(`nbd-server cannot serve export "${config.exportName}" for ${String(config.server)}`);
   checkedSectionName(config.exportName);
@@ -109,14 +121,25 @@ export function renderExportFiles(config: ExportConfig, authfilePath: string): E
     throw new TypeError(
       `nbd-server serves raw data only; export "${config.exportName}" is ${JSON.stringify(config.format)}`,
     );
-  const cidrs = config.allowedClients.map((cidr) => checkedCidr(cidr, config.exportName));
-  const restricted = cidrs.length > 0;
+  for (const cidr of config.allowedClients) checkedCidr(cidr, config.exportName);
+  const rules = checkedCommandPath(admission.rulesPath, 'admission rules file');
   const header: ConfHeader = {
     exportName: config.exportName,
     fingerprint: fingerprintOf(config),
     path,
-    ...(restricted ? { authfile: checkedPath(authfilePath, 'authfile') } : {}),
+    rules,
   };
+  const { hook } = admission;
+  const prerun = [
+    checkedCommandPath(hook.flock, 'flock program'),
+    '-w',
+    String(ADMISSION_LOCK_WAIT_SECONDS),
+    checkedCommandPath(admission.lockPath, 'admission lock file'),
+    checkedCommandPath(hook.node, 'Node runtime'),
+    checkedCommandPath(hook.script, 'admission hook'),
+    rules,
+    '%s',
+  ].join(' ');
   const lines = [
     `${HEADER_PREFIX}${JSON.stringify(header)}`,
     `[${config.exportName}]`,
@@ -125,11 +148,9 @@ export function renderExportFiles(config: ExportConfig, authfilePath: string): E
     `readonly = ${config.readOnly ? 'true' : 'false'}`,
     'flush = true',
     'fua = true',
+    `prerun = ${prerun}`,
   ];
-  if (restricted) lines.push(`authfile = ${header.authfile}`);
-  const conf = `${lines.join('\n')}\n`;
-  if (!restricted) return { conf };
-  return { conf, authfile: `${HEADER_PREFIX}authfile of ${config.exportName}\n${cidrs.join('\n')}\n` };
+  return `${lines.join('\n')}\n`;
 }
 
 /** Reads our header back; undefined for a file we did not write. */
@@ -143,11 +164,18 @@ export function parseConfHeader(text: string): ConfHeader | undefined {
     return undefined;
   }
   if (typeof value !== 'object' || value === null) return undefined;
-  const { exportName, fingerprint, path, authfile } = value as Record<string, unknown>;
+  const { exportName, fingerprint, path, rules, authfile } = value as Record<string, unknown>;
   if (typeof exportName !== 'string' || typeof fingerprint !== 'string' || typeof path !== 'string')
     return undefined;
+  if (rules !== undefined && typeof rules !== 'string') return undefined;
   if (authfile !== undefined && typeof authfile !== 'string') return undefined;
-  return { exportName, fingerprint, path, ...(authfile === undefined ? {} : { authfile }) };
+  return {
+    exportName,
+    fingerprint,
+    path,
+    ...(rules === undefined ? {} : { rules }),
+    ...(authfile === undefined ? {} : { authfile }),
+  };
 }
 
 /** Whether a file (its text) starts with our header: only such files are ever deleted. */
@@ -167,9 +195,12 @@ export function checkedPath(path: string, what: string): string {
   return path;
 }
 
-function checkedAccount(name: string, what: string): string {
-  if (!ACCOUNT.test(name)) throw new TypeError(`unsafe nbd-server ${what} ${JSON.stringify(name)}`);
-  return name;
+/** A path inside the hook's command: printf would read a `%` in it as a conversion. */
+function checkedCommandPath(path: string, what: string): string {
+  checkedPath(path, what);
+  if (path.includes('%'))
+    throw new TypeError(`unsafe ${what} for nbd-server's prerun: ${JSON.stringify(path)}`);
+  return path;
 }
 
 /** One CIDR or address, as nbd-server's authfile reads it. */

@@ -5,16 +5,18 @@
  * left by an earlier parent are found the same way. A child opens the export's file
  * once the client has chosen an export, so its open files tell which export it serves.
  */
-import { readFile } from 'node:fs/promises';
 import {
   allPids,
+  childrenOf,
   commandLineOf,
   descriptorTargetsOf,
   findProcesses,
   isRunning,
   parentOf,
+  socketInodesOf,
   startTicksOf,
 } from '../process/proc-scan.js';
+import { parseTcpTable, readTcpSockets, TCP_LISTEN } from '../process/proc-net-tcp.js';
 
 export interface ServerProcess {
   pid: number;
@@ -59,39 +61,22 @@ async function openPathsOf(pid: number): Promise<string[]> {
   return [...paths];
 }
 
-/** Socket inodes `pid` holds open. */
-async function socketInodesOf(pid: number): Promise<Set<string>> {
-  const inodes = new Set<string>();
-  for (const target of await descriptorTargetsOf(pid)) {
-    const match = /^socket:\[([0-9]+)\]$/.exec(target);
-    if (match?.[1] !== undefined) inodes.add(match[1]);
-  }
-  return inodes;
-}
-
-/**
- * The inodes of TCP sockets listening on `port`, from /proc/net/tcp or tcp6 text
- * (columns: sl, local_address, rem_address, st, ..., inode; LISTEN is st 0A).
- */
+/** The inodes of TCP sockets listening on `port` in one /proc/net/tcp or tcp6 table's text. */
 export function listeningInodes(procNetTcp: string, port: number): Set<string> {
-  const inodes = new Set<string>();
-  const wanted = port.toString(16).toUpperCase().padStart(4, '0');
-  for (const line of procNetTcp.split('\n').slice(1)) {
-    const fields = line.trim().split(/\s+/);
-    if (fields.length < 10) continue;
-    const local = fields[1] ?? '';
-    if (fields[3] === '0A' && local.slice(local.lastIndexOf(':') + 1) === wanted) inodes.add(fields[9] ?? '');
-  }
-  return inodes;
+  return new Set(
+    parseTcpTable(procNetTcp)
+      .filter((row) => row.state === TCP_LISTEN && row.local.port === port)
+      .map((row) => row.inode),
+  );
 }
 
 /** The inodes of every socket listening on TCP `port`, IPv4 and IPv6. */
 export async function listeningSocketsOnPort(port: number): Promise<Set<string>> {
-  const inodes = new Set<string>();
-  for (const table of ['/proc/net/tcp', '/proc/net/tcp6'])
-    for (const inode of listeningInodes(await readFile(table, 'utf8').catch(() => ''), port))
-      inodes.add(inode);
-  return inodes;
+  return new Set(
+    (await readTcpSockets())
+      .filter((row) => row.state === TCP_LISTEN && row.local.port === port)
+      .map((row) => row.inode),
+  );
 }
 
 /** The sockets `pid` holds that listen on TCP `port` (only nbd-server's parent has one). */
@@ -107,23 +92,37 @@ export async function isListeningOn(pid: number, port: number): Promise<boolean>
 }
 
 /**
- * The nbd-server processes of this config that hold a socket listening on TCP `port`. With no
- * parent running, only a child still negotiating can: nbd-server 3.24 forks before the
- * handshake and closes its copy of the listening socket only after its client has chosen an
- * export (measured), so such a child serves no client yet. One whose client never finishes
- * the handshake holds the port for as long as the client likes (nbd-server has no deadline).
+ * The nbd-server processes of this config that hold a socket listening on TCP `port`, and
+ * the processes such a child started that inherited it (its admission hook, run through sh
+ * and flock), children first. With no parent running, only a child still negotiating can:
+ * nbd-server 3.24 forks before the handshake and closes its copy of the listening socket
+ * only after its client has chosen an export (measured), so such a child serves no client
+ * yet. One whose client never finishes the handshake holds the port for as long as the
+ * client likes (nbd-server has no deadline).
  */
 export async function processesListeningOn(port: number, configPath: string): Promise<number[]> {
   const inodes = await listeningSocketsOnPort(port);
   if (inodes.size === 0) return [];
-  const holders: number[] = [];
-  for (const pid of findProcesses((argv, pid) => isRunning(pid) && isServerCommandLine(argv, configPath)))
-    for (const inode of await socketInodesOf(pid))
-      if (inodes.has(inode)) {
-        holders.push(pid);
-        break;
-      }
-  return holders;
+  const holds = async (pid: number): Promise<boolean> =>
+    [...(await socketInodesOf(pid))].some((inode) => inodes.has(inode));
+  const holders = new Set<number>();
+  for (const pid of findProcesses((argv, pid) => isRunning(pid) && isServerCommandLine(argv, configPath))) {
+    if (!(await holds(pid))) continue;
+    for (const descendant of descendantsOf(pid)) if (await holds(descendant)) holders.add(descendant);
+    holders.add(pid);
+  }
+  return [...holders];
+}
+
+/** What `pid` started, and what those started, a few levels down (the hook is three). */
+function descendantsOf(pid: number): number[] {
+  const found: number[] = [];
+  let level = childrenOf(pid);
+  for (let depth = 0; depth < 4 && level.length > 0; depth++) {
+    found.push(...level);
+    level = level.flatMap(childrenOf);
+  }
+  return found;
 }
 
 /** Pids of whatever listens on TCP `port` (for an error message when the port is taken). */

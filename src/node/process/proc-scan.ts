@@ -68,13 +68,52 @@ export function allPids(): number[] {
  * for a file (" (deleted)" appended when unlinked), `socket:[inode]`, `pipe:[inode]`, ...
  * Empty when the process is gone or not ours to look at.
  */
-export async function descriptorTargetsOf(pid: number): Promise<string[]> {
+export async function descriptorTargetsOf(pid: number | 'self'): Promise<string[]> {
   const targets: string[] = [];
   for (const fd of await readdir(`/proc/${pid}/fd`).catch(() => [])) {
     const target = await readlink(`/proc/${pid}/fd/${fd}`).catch(() => undefined);
     if (target !== undefined) targets.push(target);
   }
   return targets;
+}
+
+/** Socket inodes `pid` holds open ('self': this process). */
+export async function socketInodesOf(pid: number | 'self'): Promise<Set<string>> {
+  const inodes = new Set<string>();
+  for (const target of await descriptorTargetsOf(pid)) {
+    const match = /^socket:\[([0-9]+)\]$/.exec(target);
+    if (match?.[1] !== undefined) inodes.add(match[1]);
+  }
+  return inodes;
+}
+
+/** The pids `pid` forked that still run (/proc/<pid>/task/<tid>/children, every thread). */
+export function childrenOf(pid: number): number[] {
+  const children: number[] = [];
+  let tasks: string[];
+  try {
+    tasks = readdirSync(`/proc/${pid}/task`);
+  } catch {
+    return [];
+  }
+  for (const tid of tasks) {
+    try {
+      for (const child of readFileSync(`/proc/${pid}/task/${tid}/children`, 'utf8').trim().split(/\s+/))
+        if (/^[0-9]+$/.test(child)) children.push(Number(child));
+    } catch {
+      // the thread ended meanwhile
+    }
+  }
+  return children;
+}
+
+/** The short command name of `pid` (/proc/<pid>/comm, at most 15 bytes); undefined when it is gone. */
+export function commandNameOf(pid: number): string | undefined {
+  try {
+    return readFileSync(`/proc/${pid}/comm`, 'utf8').replace(/\n$/, '');
+  } catch {
+    return undefined;
+  }
 }
 
 /**

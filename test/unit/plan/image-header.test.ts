@@ -96,6 +96,7 @@ describe('judgeImageChain accepts benign chains and summarises them like qemu-im
       ok: true,
       image: {
         format: 'qcow2',
+        fileId: '1:1',
         virtualSize: 1 << 30,
         actualSize: 8192,
         backingChain: ['/data/full.qcow2', '/data/base.raw'],

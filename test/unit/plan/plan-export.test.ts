@@ -146,6 +146,12 @@ describe('planExport: converging', () => {
       uri: 'nbd://10.20.1.5:10810/backups.vm-1-full',
       virtualSize: GiB,
       actualSize: 196608,
+      access: {
+        allowedClients: [],
+        clientCertificate: false,
+        enforcedBy:
+          'nothing per export: qemu-storage-daemon serves any client that reaches its port; it cannot filter addresses or count clients per export',
+      },
     });
   });
 
@@ -280,13 +286,47 @@ describe('planExport: converging', () => {
       observed: rawOnNbdServer({}),
       policy,
     });
+    // The list as the user wrote it: the probe is let in by its process, not by widening the list.
     expect(plan.actions).toEqual([
-      {
-        kind: 'writeNbdServerExport',
-        config: { ...rawConfig, allowedClients: ['10.20.0.0/16', '127.0.0.1/32'] },
-      },
+      { kind: 'writeNbdServerExport', config: { ...rawConfig, allowedClients: ['10.20.0.0/16'] } },
       { kind: 'applyNbdServer' },
     ]);
+    expect(plan.fields.access).toMatchObject({
+      allowedClients: ['10.20.0.0/16'],
+      maxConnections: 1,
+      clientCertificate: false,
+    });
+    expect(plan.fields.access?.enforcedBy).toContain("nbd-server's admission hook");
+  });
+
+  it('nbd-server is told which file was checked (it opens the path again at every connection)', () => {
+    const observed = rawOnNbdServer({});
+    const plan = planExport({
+      resource: resource({
+        source: { file: { path: RAW, format: 'raw' } },
+        readOnly: true,
+        maxConnections: 3,
+      }),
+      observed: {
+        ...observed,
+        image: {
+          kind: 'present',
+          info: { format: 'raw', fileId: '64768:131', virtualSize: GiB, actualSize: GiB, backingChain: [] },
+        },
+      },
+      policy: { ...policy, tls: true },
+    });
+    expect(plan.actions[0]).toEqual({
+      kind: 'writeNbdServerExport',
+      config: { ...rawConfig, readOnly: true, maxConnections: 3, fileId: '64768:131' },
+    });
+    expect(plan.fields.access).toMatchObject({ maxConnections: 3, clientCertificate: true });
+  });
+
+  it('qemu-storage-daemon is not given a file id: it holds the file it opened', () => {
+    const plan = planExport({ resource: resource({ readOnly: true }), observed: converged(), policy });
+    const add = plan.actions.find((action) => action.kind === 'addQemuExport');
+    expect(add && 'config' in add ? add.config.fileId : 'no add').toBeUndefined();
   });
 
   it('nbd-server config written but not yet loaded → waits for the planned restart', () => {

@@ -3,8 +3,13 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { fingerprintOf, type ExportConfig } from '../../../../src/api/export-config.js';
+import { parseAdmissionRules } from '../../../../src/node/nbd-server/admission-rules.js';
 import { ConfDir } from '../../../../src/node/nbd-server/conf-dir.js';
+import { admissionPathsOf } from '../../../../src/node/nbd-server/conf-file-name.js';
+import { HEADER_PREFIX } from '../../../../src/node/nbd-server/render-export-config.js';
 import { rawExportConfig } from '../../../support/export-config.js';
+
+const HOOK = { flock: '/usr/bin/flock', node: '/usr/bin/node', script: '/opt/nbdx/admission-hook.js' };
 
 function config(exportName: string, overrides: Partial<ExportConfig> = {}): ExportConfig {
   return rawExportConfig(exportName, `/srv/${exportName.replace(/[^a-z0-9]/g, '_')}.raw`, overrides);
@@ -16,7 +21,7 @@ describe('ConfDir', () => {
 
   beforeEach(async () => {
     root = await mkdtemp(join(tmpdir(), 'nbdx-confdir-'));
-    dir = new ConfDir(join(root, 'conf.d'), join(root, 'auth'));
+    dir = new ConfDir(join(root, 'conf.d'), join(root, 'auth'), HOOK, process.pid);
   });
   afterEach(async () => {
     await rm(root, { recursive: true, force: true });
@@ -57,18 +62,41 @@ describe('ConfDir', () => {
     await expect(dir.write(config('taken'))).rejects.toThrow(/not written by nbd-export-controller/);
   });
 
-  it('writes the authfile and references it; keeps it on removal until it is unreferenced', async () => {
-    await dir.write(config('fenced', { allowedClients: ['10.0.0.0/8'] }));
-    const authPath = join(dir.authDir, 'fenced.allow');
-    expect((await readFile(authPath, 'utf8')).split('\n').slice(1)).toEqual(['10.0.0.0/8', '']);
-    expect((await dir.read()).get('fenced')?.authfile).toBe(authPath);
-    expect(await readFile(join(dir.confDir, 'fenced.conf'), 'utf8')).toContain(`authfile = ${authPath}`);
+  it('writes the rules before the conf that runs the hook on them; keeps them until unreferenced', async () => {
+    const fenced = config('fenced', {
+      allowedClients: ['10.0.0.0/8'],
+      maxConnections: 2,
+      fileId: '64768:131',
+    });
+    await dir.write(fenced);
+    const { rulesPath, lockPath, slotsDir } = admissionPathsOf(dir.authDir, 'fenced');
+    expect(parseAdmissionRules(await readFile(rulesPath, 'utf8'))).toEqual({
+      exportName: 'fenced',
+      path: fenced.path,
+      fileId: '64768:131',
+      allowedClients: ['10.0.0.0/8'],
+      maxConnections: 2,
+    });
+    expect((await dir.read()).get('fenced')?.rules).toBe(rulesPath);
+    expect(await readFile(join(dir.confDir, 'fenced.conf'), 'utf8')).toContain(
+      `prerun = /usr/bin/flock -w 10 ${lockPath} /usr/bin/node /opt/nbdx/admission-hook.js ${rulesPath} %s`,
+    );
+    // The controller names itself for the hook.
+    const controller = await readFile(join(dir.authDir, 'controller'), 'utf8');
+    expect(controller.trimEnd().split('\n').at(-1)).toMatch(new RegExp(`^${process.pid} [0-9]+$`));
+
+    // A rules-only change is written (it takes effect at the next connection).
+    expect(await dir.write({ ...fenced, allowedClients: ['10.0.0.0/8', '192.0.2.1'] })).toBe(true);
 
     await dir.remove('fenced');
-    await writeFile(join(dir.authDir, 'foreign.allow'), '10.0.0.1\n');
-    expect(await dir.removeUnreferencedAuthfiles(new Set([authPath]))).toBe(0);
-    expect(await dir.removeUnreferencedAuthfiles(new Set())).toBe(1);
-    expect(await readdir(dir.authDir)).toEqual(['foreign.allow']);
+    await writeFile(lockPath, '');
+    await mkdir(slotsDir);
+    await writeFile(join(slotsDir, '4242'), '1');
+    await writeFile(join(dir.authDir, 'foreign.rules'), 'not ours\n');
+    await writeFile(join(dir.authDir, 'old.allow'), `${HEADER_PREFIX}authfile of old\n10.0.0.1\n`);
+    expect(await dir.removeUnreferenced(new Set([rulesPath]))).toBe(1); // the old authfile
+    expect(await dir.removeUnreferenced(new Set())).toBe(1);
+    expect((await readdir(dir.authDir)).sort()).toEqual(['controller', 'foreign.rules']);
   });
 
   it('leaves nothing behind when rendering fails, and cleans temporary leftovers', async () => {

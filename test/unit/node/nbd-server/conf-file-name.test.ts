@@ -2,9 +2,10 @@ import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
 import { isTemporaryName } from '../../../../src/shared/atomic-file.js';
 import {
-  authFileNameOf,
+  admissionPathsOf,
   confFileNameOf,
   fileStemOf,
+  slotsDirOf,
 } from '../../../../src/node/nbd-server/conf-file-name.js';
 
 const SAFE_FILE_NAME = /^[A-Za-z0-9_%~-][A-Za-z0-9._%~-]*$/;
@@ -23,7 +24,20 @@ describe('conf file names', () => {
   ])('%s → %s', (name, stem) => {
     expect(fileStemOf(name)).toBe(stem);
     expect(confFileNameOf(name)).toBe(`${stem}.conf`);
-    expect(authFileNameOf(name)).toBe(`${stem}.allow`);
+  });
+
+  it('names admission files by a digest: no "%" (printf) or "~" reaches the hook\'s command', () => {
+    fc.assert(
+      fc.property(fc.string({ unit: 'binary', maxLength: 400 }), (name) => {
+        const paths = admissionPathsOf('/var/lib/nbdx/nbd-server/auth', name);
+        expect(paths.rulesPath).toMatch(/^\/var\/lib\/nbdx\/nbd-server\/auth\/[0-9a-f]{32}\.rules$/);
+        expect(paths.lockPath).toBe(paths.rulesPath.replace(/\.rules$/, '.lock'));
+        expect(slotsDirOf(paths.rulesPath)).toBe(paths.slotsDir);
+        expect(paths.slotsDir).toBe(paths.rulesPath.replace(/\.rules$/, '.clients'));
+      }),
+      { numRuns: 500 },
+    );
+    expect(admissionPathsOf('/a', 'x').rulesPath).not.toBe(admissionPathsOf('/a', 'y').rulesPath);
   });
 
   it('is injective', () => {
