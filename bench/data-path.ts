@@ -181,7 +181,9 @@ async function throughController(
 ): Promise<void> {
   const name = `bench-${++exportSerial}`;
   const file = `${name}.yaml`;
-  await node.writeExports(file, [nbdExport(name, { ...spec, deletionPolicy: 'Retain' })]);
+  // nbdcopy opens 4 connections where the server offers multi-conn (nbd-server does), as by hand.
+  const exportSpec = { maxConnections: 4, ...spec, deletionPolicy: 'Retain' };
+  await node.writeExports(file, [nbdExport(name, exportSpec)]);
   const uri = node.uri(await node.waitForReady(name, 'True', undefined, 300_000));
   try {
     await measure(uri);

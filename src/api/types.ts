@@ -55,7 +55,10 @@ export interface NbdExportSpec {
   exportName?: string;
   source: ExportSource;
   readOnly?: boolean;
-  /** Concurrent clients. Read-write exports default to and allow at most 1. */
+  /**
+   * Connections served at once (default 1), the controller's own not counted. One client using
+   * several connections (NBD multi-conn) needs as many. Enforced by nbd-server (status.access).
+   */
   maxConnections?: number;
   /** CIDR allow-list; empty or absent allows every client that reaches the port. */
   allowedClients?: string[];

@@ -51,16 +51,13 @@ export function validateSpec(input: unknown): SpecValidation {
     if (problem) error('spec.exportName', problem);
   }
 
-  const readOnly = booleanAt(spec, 'readOnly', 'spec.readOnly', error) ?? false;
+  booleanAt(spec, 'readOnly', 'spec.readOnly', error);
   const maxConnections = integerAt(spec, 'maxConnections', 'spec.maxConnections', error);
   if (maxConnections !== undefined) {
+    // Read-write exports may take more than one connection too: one client's several
+    // connections (NBD multi-conn, nbdcopy's default) are how the data path reaches its speed.
     if (maxConnections < 1 || maxConnections > MAX_CONNECTIONS_LIMIT)
       error('spec.maxConnections', `must be between 1 and ${MAX_CONNECTIONS_LIMIT}`);
-    else if (!readOnly && maxConnections > 1)
-      error(
-        'spec.maxConnections',
-        'a read-write export allows one client at a time; set readOnly: true to allow more',
-      );
   }
 
   const allowedClients = spec['allowedClients'];

@@ -69,6 +69,8 @@ const served = (server: 'nbd-server' | 'qemu-storage-daemon'): Outcome => ({ rea
 let node: PlainHostNode;
 let outside: string;
 let controlRaw: string;
+/** A read-only raw export that serves up to 8 clients at once. */
+let controlShared: string;
 let controlQcow2: string;
 /** A loopback listener that counts connections: hostile backing names point at it. */
 let trap: { server: Server; port: number; connections: number };
@@ -185,10 +187,14 @@ async function expectOutcome(c: HostileCase): Promise<void> {
   await expectControllerServing();
 }
 
-/** The controller process runs, and both control exports answer a real client. */
+/**
+ * The controller process runs, and both servers answer a new real client (on nbd-server, a
+ * read-only export that takes several clients: the read-write control export may be held by
+ * a transfer, and then a second client is refused, as its maxConnections says).
+ */
 async function expectControllerServing(): Promise<void> {
   expect(node.pid !== undefined && isRunning(node.pid)).toBe(true);
-  expect(await isServed(controlRaw)).toBe(true);
+  expect(await isServed(controlShared)).toBe(true);
   expect(await isServed(controlQcow2)).toBe(true);
 }
 
@@ -234,8 +240,14 @@ beforeAll(async () => {
     nbdExport('control-qcow2', {
       source: { file: { path: join(node.images, 'control.qcow2'), format: 'qcow2' } },
     }),
+    nbdExport('control-shared', {
+      source: { file: { path: join(node.images, 'shared.raw'), format: 'raw', create: { size: '1Mi' } } },
+      readOnly: true,
+      maxConnections: 8,
+    }),
   ]);
   controlRaw = node.uri(await node.waitForReady('control-raw'));
+  controlShared = node.uri(await node.waitForReady('control-shared'));
   controlQcow2 = node.uri(await node.waitForReady('control-qcow2'));
 }, 180_000);
 

@@ -66,9 +66,25 @@ async function main(argv: string[]): Promise<number> {
   const decision = decideAdmission(rules, client, fileAt(path), liveSlots(slotsDir));
   const who = client.kind === 'remote' ? client.address : client.kind;
   if (!decision.admit) return refuse(decision.reason, rules.exportName, who);
-  if (decision.counted) writeFileSync(join(slotsDir, String(server.pid)), String(server.startTicks));
-  report({ msg: 'client admitted', export: rules.exportName, client: who, counted: decision.counted });
+  const counted = decision.counted && takeSlot(slotsDir, server);
+  report({ msg: 'client admitted', export: rules.exportName, client: who, counted });
   return 0;
+}
+
+/**
+ * Records the admitted client. A state directory that has turned read-only must not stop
+ * serving what is allowed (the controller reports that directory on its own): the client is
+ * then served uncounted, the one way this hook fails open, and the log says so.
+ */
+function takeSlot(dir: string, server: { pid: number; startTicks: number }): boolean {
+  try {
+    writeFileSync(join(dir, String(server.pid)), String(server.startTicks));
+    return true;
+  } catch (error) {
+    if ((error as NodeJS.ErrnoException).code !== 'EROFS') throw error;
+    report({ msg: 'client not counted: the state directory is read-only' });
+    return false;
+  }
 }
 
 function fileAt(path: string): FileAtPath {
@@ -98,15 +114,35 @@ function servingProcess(): { pid: number; startTicks: number } | undefined {
 
 /** Slots whose nbd-server child still runs; the others are removed. */
 function liveSlots(dir: string): number {
-  mkdirSync(dir, { recursive: true, mode: 0o700 });
+  try {
+    mkdirSync(dir, { recursive: true, mode: 0o700 });
+  } catch (error) {
+    if ((error as NodeJS.ErrnoException).code !== 'EROFS') throw error;
+    return 0; // read-only and never made: nobody was counted
+  }
   let live = 0;
   for (const name of readdirSync(dir)) {
     const pid = /^[0-9]+$/.test(name) ? Number(name) : undefined;
-    const ticks = Number(readFileSync(join(dir, name), 'utf8'));
-    if (pid !== undefined && processState(pid) === 'running' && startTicksOf(pid) === ticks) live++;
-    else rmSync(join(dir, name), { force: true, recursive: true });
+    const ticks = Number(readIfFile(join(dir, name)));
+    if (pid !== undefined && processState(pid) === 'running' && startTicksOf(pid) === ticks) {
+      live++;
+      continue;
+    }
+    try {
+      rmSync(join(dir, name), { force: true, recursive: true });
+    } catch {
+      // Not counted either way; a read-only directory keeps it until it is writable.
+    }
   }
   return live;
+}
+
+function readIfFile(path: string): string | undefined {
+  try {
+    return readFileSync(path, 'utf8');
+  } catch {
+    return undefined;
+  }
 }
 
 /** The controller's process, as it wrote itself down; undefined when that process is gone. */

@@ -50,10 +50,20 @@ export class ConfDir {
   async ensure(): Promise<void> {
     await mkdir(this.confDir, { recursive: true });
     await mkdir(this.authDir, { recursive: true, mode: 0o755 });
-    // The admission hook lets the controller's process and its children in unfiltered.
+  }
+
+  /**
+   * Names the controller's process for the admission hook, which lets it and its children in
+   * unfiltered and uncounted; returns whether the file changed.
+   */
+  async nameController(): Promise<boolean> {
     const pid = this.#controllerPid;
     const identity = pid === null ? '0 0' : `${pid} ${startTicksOf(pid) ?? 0}`;
-    await writeIfChanged(controllerFileOf(this.authDir), `${HEADER_PREFIX}controller process\n${identity}\n`);
+    await this.ensure();
+    return writeIfChanged(
+      controllerFileOf(this.authDir),
+      `${HEADER_PREFIX}controller process\n${identity}\n`,
+    );
   }
 
   /** Removes what interrupted atomic writes left behind; returns the names removed. */

@@ -143,6 +143,8 @@ export class NbdServerSupervisor {
   #watchdog: NodeJS.Timeout | undefined;
   #stopped = false;
   #healing = false;
+  /** Whether the admission hook knows this controller (undefined: not tried yet). */
+  #controllerNamed: boolean | undefined;
   /** Serializes conf.d changes and hand-overs. */
   readonly #lock = new SerialLock();
   #timings: { killed?: number; launcherExited?: number } = {};
@@ -784,6 +786,7 @@ export class NbdServerSupervisor {
       this.#log.warn({ error: String(error) }, 'could not check for stalled handshakes'),
     );
     void this.#healStateDirectory();
+    if (this.#controllerNamed === false) void this.#nameController();
     if (this.#pid !== null && !this.#alive()) {
       const pid = this.#pid;
       this.#lastError = `nbd-server parent ${pid} died (killed, or crashed: it logs to syslog)`;
@@ -853,6 +856,24 @@ export class NbdServerSupervisor {
     await mkdir(this.dir, { recursive: true });
     await this.#confDir.ensure();
     await this.#writeBaseConfig();
+    await this.#nameController();
+  }
+
+  /**
+   * Names this controller for the admission hook. A state directory that is read-only must
+   * not stop adoption or hand-overs: until the name is written the hook treats the probe as
+   * any client (restricted exports then fail their probe, which status reports), and the
+   * watchdog tries again.
+   */
+  async #nameController(): Promise<void> {
+    try {
+      await this.#confDir.nameController();
+      this.#controllerNamed = true;
+    } catch (error) {
+      if (this.#controllerNamed !== false)
+        this.#log.warn({ err: error }, 'cannot name the controller for the admission hook; will retry');
+      this.#controllerNamed = false;
+    }
   }
 
   /**

@@ -442,10 +442,10 @@ describe('planExport: refusing, with nothing done on the node', () => {
   }[] = [
     {
       name: 'invalid spec',
-      resource: resource({ maxConnections: 3 }),
+      resource: resource({ maxConnections: 0 }),
       observed: converged(),
       reason: 'InvalidSpec',
-      message: /spec\.maxConnections: a read-write export allows one client/,
+      message: /spec\.maxConnections: must be between 1 and 128/,
     },
     {
       name: 'path outside the allowed roots (via a symlink)',

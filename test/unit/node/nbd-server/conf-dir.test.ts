@@ -82,6 +82,8 @@ describe('ConfDir', () => {
       `prerun = /usr/bin/flock -w 10 ${lockPath} /usr/bin/node /opt/nbdx/admission-hook.js ${rulesPath} %s`,
     );
     // The controller names itself for the hook.
+    expect(await dir.nameController()).toBe(true);
+    expect(await dir.nameController()).toBe(false);
     const controller = await readFile(join(dir.authDir, 'controller'), 'utf8');
     expect(controller.trimEnd().split('\n').at(-1)).toMatch(new RegExp(`^${process.pid} [0-9]+$`));
 
