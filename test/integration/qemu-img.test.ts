@@ -17,6 +17,7 @@ import {
 import { QemuCommandError } from '../../src/node/qemu-error.js';
 import { sha256File } from '../support/nbd.js';
 import { qemuImageInfo as inspectImage } from '../support/qemu-img-info.js';
+import { stopChild } from '../support/child-process.js';
 import { waitFor } from '../support/poll.js';
 
 const MiB = 1024 * 1024;
@@ -40,7 +41,7 @@ afterAll(async () => {
 });
 
 function qemuIo(args: string[]): void {
-  const result = spawnSync('qemu-io', args, { encoding: 'utf8' });
+  const result = spawnSync('qemu-io', args, { encoding: 'utf8', timeout: 60_000 });
   if (result.status !== 0) throw new Error(`qemu-io ${args.join(' ')}: ${result.stderr}`);
 }
 
@@ -52,12 +53,7 @@ function startQemuNbd(path: string, format: 'qcow2' | 'raw'): ChildProcess {
   return child;
 }
 
-async function stop(child: ChildProcess): Promise<void> {
-  if (child.exitCode !== null || child.signalCode !== null) return;
-  const exited = new Promise((r) => child.once('exit', r));
-  child.kill('SIGTERM');
-  await exited;
-}
+const stop = (child: ChildProcess) => stopChild(child);
 
 describe('createImage', () => {
   it('creates a full qcow2 image of the given virtual size', async () => {

@@ -19,6 +19,7 @@ import { exportIdsOf } from '../../src/node/qemu-storage-daemon/export-state.js'
 import { QemuStorageDaemon } from '../../src/node/qemu-storage-daemon/qemu-storage-daemon.js';
 import { QmpClient } from '../../src/node/qemu-storage-daemon/qmp-client.js';
 import { sha256File } from '../support/nbd.js';
+import { stopChild } from '../support/child-process.js';
 import { waitFor } from '../support/poll.js';
 
 const MiB = 1024 * 1024;
@@ -108,9 +109,8 @@ class HeldConnection {
   }
   async close(): Promise<void> {
     if (this.child.exitCode !== null || this.child.signalCode !== null) return;
-    const exited = new Promise((r) => this.child.once('exit', r));
-    this.child.stdin?.end();
-    await exited;
+    this.child.stdin?.end(); // qemu-io quits at the end of its input
+    await stopChild(this.child, { signal: 'none', graceMs: 10_000 });
   }
 }
 
@@ -281,9 +281,7 @@ describe('QemuStorageDaemon', () => {
         expect(await daemon.blockNodes()).toEqual(nodesBefore);
       }
 
-      const exited = new Promise((r) => foreign.once('exit', r));
-      foreign.kill('SIGTERM');
-      await exited;
+      await stopChild(foreign);
       await daemon.addExport(config(`foreign-${format}`, image, { format }));
       expect(run('nbdinfo', ['--size', uri(`foreign-${format}`)]).trim()).toBe(String(8 * MiB));
     });
