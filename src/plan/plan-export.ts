@@ -176,8 +176,6 @@ function planNextStep({ resource, desired, observed, policy }: PlanInput): Expor
     actualSize: info.actualSize,
     ...(info.backingChain.length > 0 ? { backingChain: info.backingChain } : {}),
   };
-  const imageProblem = checkImage(info, format, isDevice, specPath, policy);
-  if (imageProblem) return { ...notReady(imageProblem.reason, imageProblem.message), fields: imageFields };
 
   const backingWriter = writerOfBacking(info.backingChain, observed);
   if (backingWriter) return { ...backingWriter, fields: imageFields };
@@ -331,31 +329,6 @@ function planCreation(
     ...(create.preallocation === undefined ? {} : { preallocation: create.preallocation }),
   });
   return waiting(actions, Reason.Reconciling, `creating ${file.format} image ${file.path}`);
-}
-
-function checkImage(
-  info: ImageInfo,
-  format: ImageFormat,
-  isDevice: boolean,
-  specPath: string,
-  policy: NodePolicy,
-): { reason: string; message: string } | undefined {
-  if (info.format !== format)
-    return {
-      reason: Reason.ImageFormatMismatch,
-      message: isDevice
-        ? `${specPath} holds a ${info.format} image; a block device is served raw, which would expose the ${info.format} container instead of the disk`
-        : `${specPath} is a ${info.format} image but the spec says ${format}; serving it as ${format} would ${format === 'raw' ? `expose the ${info.format} container instead of the disk` : 'fail'}. Fix spec.source.file.format.`,
-    };
-  if (info.corrupt)
-    return { reason: Reason.ImageInvalid, message: `${specPath} is marked corrupt; run qemu-img check` };
-  const outside = info.backingChain.find((p) => !isInsideAnyRoot(p, policy.allowedRoots));
-  if (outside !== undefined)
-    return {
-      reason: Reason.PathNotAllowed,
-      message: `${specPath} has backing file ${outside}, outside this node's allowed roots; serving it would expose that file`,
-    };
-  return undefined;
 }
 
 function planServing(

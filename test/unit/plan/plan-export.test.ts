@@ -466,10 +466,12 @@ describe('planExport: refusing, with nothing done on the node', () => {
     {
       name: 'a qcow2 whose backing file lies outside the roots',
       resource: resource(),
+      // The judge (src/plan/image-header.ts) refuses it while inspecting; the planner reports it.
       observed: converged({
         image: {
-          kind: 'present',
-          info: { format: 'qcow2', virtualSize: GiB, actualSize: 1, backingChain: ['/etc/passwd'] },
+          kind: 'refused',
+          reason: 'PathNotAllowed',
+          message: 'names backing file /etc/passwd (symlinks resolved), which is outside the allowed roots',
         },
       }),
       reason: 'PathNotAllowed',
@@ -478,7 +480,13 @@ describe('planExport: refusing, with nothing done on the node', () => {
     {
       name: 'raw spec on a qcow2 file',
       resource: resource({ source: { file: { path: QCOW, format: 'raw' } } }),
-      observed: converged(),
+      observed: converged({
+        image: {
+          kind: 'refused',
+          reason: 'ImageFormatMismatch',
+          message: 'it holds a qcow2 image; serving it raw would expose the qcow2 container',
+        },
+      }),
       reason: 'ImageFormatMismatch',
       message: /expose the qcow2 container/,
     },
