@@ -10,10 +10,12 @@ import { randomBytes } from 'node:crypto';
 import { open, readdir, readFile, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { execa } from 'execa';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { canWrite, HeldTransfer, isServed, nbdcopy, sha256File, writeRandomFile } from '../support/nbd.js';
 import { waitFor } from '../support/poll.js';
-import { nbdExport, PlainHostNode } from './harness/plain-host-controller.js';
+import type { PlainHostNode } from './harness/plain-host-controller.js';
+import { nbdExport } from './harness/plain-host-controller.js';
+import { useStartedNode } from './harness/started-node.js';
 
 const MiB = 1024 * 1024;
 const DISK = 64 * MiB;
@@ -50,15 +52,7 @@ async function files(dir: string): Promise<string[]> {
 
 describe('the backup workflow', () => {
   let node: PlainHostNode;
-
-  beforeAll(async () => {
-    node = await PlainHostNode.create();
-    await node.start();
-  });
-
-  afterAll(async () => {
-    await node?.destroy();
-  });
+  useStartedNode((started) => (node = started));
 
   it('full → sealed → incremental with a delta → restore → removal, bit-exact', async () => {
     const dir = join(node.images, 'vm-42');

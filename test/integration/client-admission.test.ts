@@ -7,23 +7,17 @@
  */
 import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { HeldTransfer, isServed, sha256File, writeRandomFile } from '../support/nbd.js';
-import { nbdExport, PlainHostNode } from './harness/plain-host-controller.js';
+import type { PlainHostNode } from './harness/plain-host-controller.js';
+import { nbdExport } from './harness/plain-host-controller.js';
+import { useStartedNode } from './harness/started-node.js';
 
 const MiB = 1024 * 1024;
 
 describe('client admission', () => {
   let node: PlainHostNode;
-
-  beforeAll(async () => {
-    node = await PlainHostNode.create();
-    await node.start();
-  });
-
-  afterAll(async () => {
-    await node?.destroy();
-  });
+  useStartedNode((started) => (node = started));
 
   const admissionLog = () => readFile(join(node.stateDir, 'nbd-server', 'auth', 'admission.log'), 'utf8');
   const raw = (name: string, size: string) => ({

@@ -6,25 +6,19 @@
 import { open } from 'node:fs/promises';
 import { join } from 'node:path';
 import { execa } from 'execa';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import type { NbdExport } from '../../src/api/types.js';
 import { nbdcopy, sha256File, writeRandomFile } from '../support/nbd.js';
 import { waitFor } from '../support/poll.js';
-import { nbdExport, PlainHostNode } from './harness/plain-host-controller.js';
+import type { PlainHostNode } from './harness/plain-host-controller.js';
+import { nbdExport } from './harness/plain-host-controller.js';
+import { useStartedNode } from './harness/started-node.js';
 
 const MiB = 1024 * 1024;
 
 describe('integrity seal', () => {
   let node: PlainHostNode;
-
-  beforeAll(async () => {
-    node = await PlainHostNode.create();
-    await node.start();
-  });
-
-  afterAll(async () => {
-    await node?.destroy();
-  });
+  useStartedNode((started) => (node = started));
 
   async function sealOf(name: string): Promise<NonNullable<NbdExport['status']>['seal']> {
     return waitFor(`${name} to be sealed`, async () => {

@@ -11,6 +11,7 @@ import { waitFor } from '../support/poll.js';
 import { holdsQemuWriteLock, probeImageLock } from '../../src/node/qemu-img.js';
 import { processState } from '../../src/node/process/proc-scan.js';
 import { nbdExport, PlainHostNode } from './harness/plain-host-controller.js';
+import { useStartedNode } from './harness/started-node.js';
 
 const MiB = 1024 * 1024;
 
@@ -29,15 +30,7 @@ async function listFiles(dir: string): Promise<string[]> {
 
 describe('plain-host engine', () => {
   let node: PlainHostNode;
-
-  beforeAll(async () => {
-    node = await PlainHostNode.create();
-    await node.start();
-  });
-
-  afterAll(async () => {
-    await node?.destroy();
-  });
+  useStartedNode((started) => (node = started));
 
   it('serves a QCOW2 full backup with its virtual size, and an incremental that reads through to it', async () => {
     // The platform's full backup: 32 MiB of data in a QCOW2 file.

@@ -6,25 +6,19 @@
 import { mkdir, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { execa } from 'execa';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { HeldTransfer, isServed, writeRandomFile } from '../support/nbd.js';
 import { waitFor } from '../support/poll.js';
 import { allPids, descriptorTargetsOf } from '../../src/node/process/proc-scan.js';
-import { nbdExport, PlainHostNode } from './harness/plain-host-controller.js';
+import type { PlainHostNode } from './harness/plain-host-controller.js';
+import { nbdExport } from './harness/plain-host-controller.js';
+import { useStartedNode } from './harness/started-node.js';
 
 const MiB = 1024 * 1024;
 
 describe('refusing means retiring', () => {
   let node: PlainHostNode;
-
-  beforeAll(async () => {
-    node = await PlainHostNode.create();
-    await node.start();
-  });
-
-  afterAll(async () => {
-    await node?.destroy();
-  });
+  useStartedNode((started) => (node = started));
 
   it('a raw export moved outside the roots is taken down and its connected client is cut', async () => {
     const outside = join(node.root, 'outside');
