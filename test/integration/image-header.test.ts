@@ -33,6 +33,7 @@ import {
   type ImageChainInspection,
   type ImageVerdict,
 } from '../../src/plan/image-header.js';
+import { createImage } from '../support/hostile-images.js';
 import { waitFor } from '../support/poll.js';
 import { requireBinary } from '../support/repo.js';
 
@@ -58,22 +59,6 @@ afterAll(async () => {
 
 function qemuImg(...args: string[]): void {
   execFileSync('qemu-img', args, { stdio: 'pipe' });
-}
-
-/** `qemu-img create -q -f <format> [options…] <path> [size]`; returns the path. */
-function create(format: string, path: string, size: string | undefined, ...options: string[]): string {
-  const args = ['create', '-q', '-f', format, ...options, path, ...(size ? [size] : [])];
-  // LUKS key setup first benchmarks PBKDF2 on the CPU-time clock, and QEMU gives up ("Unable to
-  // get accurate CPU usage") when a loaded machine shows it no progress: a few bounded retries.
-  for (let attempt = 1; ; attempt++) {
-    try {
-      execFileSync('qemu-img', args, { stdio: 'pipe', encoding: 'utf8' });
-      return path;
-    } catch (error) {
-      const { stderr } = error as { stderr?: string };
-      if (attempt >= 5 || !stderr?.includes('Unable to get accurate CPU usage')) throw error;
-    }
-  }
 }
 
 /** Records `name` as the backing file without opening anything (qemu-img rebase -u). */
@@ -176,12 +161,17 @@ describe('benign images: we agree with qemu-img info', () => {
     ['preallocated metadata', ['-o', 'preallocation=metadata'], '32M'],
     ['an odd size', [], '1000448'],
   ])('%s', async (name, options, size) => {
-    const path = create('qcow2', join(root, `${name.replace(/\W+/g, '-')}.qcow2`), size, ...options);
+    const path = await createImage(
+      'qcow2',
+      join(root, `${name.replace(/\W+/g, '-')}.qcow2`),
+      size,
+      ...options,
+    );
     await expectAgreement(path, 'qcow2');
   });
 
   it('a qcow2 with a persistent bitmap', async () => {
-    const path = create('qcow2', join(root, 'bitmap.qcow2'), '16M');
+    const path = await createImage('qcow2', join(root, 'bitmap.qcow2'), '16M');
     qemuImg('bitmap', '--add', path, 'b0');
     await expectAgreement(path, 'qcow2');
     const { inspection } = await judge(path, 'qcow2');
@@ -189,16 +179,32 @@ describe('benign images: we agree with qemu-img info', () => {
   });
 
   it('a raw file, declared raw', async () => {
-    await expectAgreement(create('raw', join(root, 'disk.raw'), '16M'), 'raw');
+    await expectAgreement(await createImage('raw', join(root, 'disk.raw'), '16M'), 'raw');
   });
 
   it('a chain: raw base ← full (absolute name) ← incremental (relative) ← incremental (probed format)', async () => {
     const dir = join(root, 'chain');
     await mkdir(dir);
-    const raw = create('raw', join(dir, 'base.raw'), '32M');
-    const full = create('qcow2', join(dir, 'full.qcow2'), undefined, '-b', raw, '-F', 'raw');
-    const incr = create('qcow2', join(dir, 'incr.qcow2'), undefined, '-b', 'full.qcow2', '-F', 'qcow2');
-    const top = create('qcow2', join(dir, 'top.qcow2'), undefined, '-b', 'incr.qcow2', '-F', 'qcow2');
+    const raw = await createImage('raw', join(dir, 'base.raw'), '32M');
+    const full = await createImage('qcow2', join(dir, 'full.qcow2'), undefined, '-b', raw, '-F', 'raw');
+    const incr = await createImage(
+      'qcow2',
+      join(dir, 'incr.qcow2'),
+      undefined,
+      '-b',
+      'full.qcow2',
+      '-F',
+      'qcow2',
+    );
+    const top = await createImage(
+      'qcow2',
+      join(dir, 'top.qcow2'),
+      undefined,
+      '-b',
+      'incr.qcow2',
+      '-F',
+      'qcow2',
+    );
     await dropBackingFormat(top);
     for (const path of [full, incr, top]) await expectAgreement(path, 'qcow2');
     const { verdict } = await judge(top, 'qcow2');
@@ -208,14 +214,22 @@ describe('benign images: we agree with qemu-img info', () => {
   it('a chain of exactly the limit, 16 backing files', async () => {
     const dir = join(root, 'sixteen');
     await mkdir(dir);
-    let previous = create('qcow2', join(dir, '0.qcow2'), '8M');
+    let previous = await createImage('qcow2', join(dir, '0.qcow2'), '8M');
     for (let i = 1; i <= DEFAULT_MAX_BACKING_DEPTH; i++)
-      previous = create('qcow2', join(dir, `${i}.qcow2`), undefined, '-b', `${i - 1}.qcow2`, '-F', 'qcow2');
+      previous = await createImage(
+        'qcow2',
+        join(dir, `${i}.qcow2`),
+        undefined,
+        '-b',
+        `${i - 1}.qcow2`,
+        '-F',
+        'qcow2',
+      );
     await expectAgreement(previous, 'qcow2');
   });
 
   it('a dirty image (lazy refcounts, unclean shutdown) is served and reported dirty', async () => {
-    const path = create('qcow2', join(root, 'dirty.qcow2'), '16M', '-o', 'lazy_refcounts=on');
+    const path = await createImage('qcow2', join(root, 'dirty.qcow2'), '16M', '-o', 'lazy_refcounts=on');
     await setIncompatibleBits(path, 1n);
     await expectAgreement(path, 'qcow2');
     expect((await judge(path, 'qcow2')).verdict).toMatchObject({ ok: true, image: { dirty: true } });
@@ -225,12 +239,18 @@ describe('benign images: we agree with qemu-img info', () => {
 describe('hostile images are refused', () => {
   it('an external data file, inside or outside the roots, and the raw-data variant', async () => {
     await expectRefused(
-      create('qcow2', join(root, 'data-in.qcow2'), '16M', '-o', `data_file=${join(root, 'data-in.raw')}`),
+      await createImage(
+        'qcow2',
+        join(root, 'data-in.qcow2'),
+        '16M',
+        '-o',
+        `data_file=${join(root, 'data-in.raw')}`,
+      ),
       'qcow2',
       'external-data-file',
     );
     await expectRefused(
-      create(
+      await createImage(
         'qcow2',
         join(root, 'data-out.qcow2'),
         '16M',
@@ -240,7 +260,7 @@ describe('hostile images are refused', () => {
       'qcow2',
       'external-data-file',
     );
-    const raw = create(
+    const raw = await createImage(
       'qcow2',
       join(root, 'data-raw.qcow2'),
       '16M',
@@ -255,7 +275,7 @@ describe('hostile images are refused', () => {
   });
 
   it('a json: backing name', async () => {
-    const path = create('qcow2', join(root, 'json.qcow2'), '1M');
+    const path = await createImage('qcow2', join(root, 'json.qcow2'), '1M');
     const secret = join(outside, 'secret');
     await writeFile(secret, 'secret\n');
     rebaseUnsafe(path, `json:{"driver":"raw","file":{"driver":"file","filename":"${secret}"}}`, 'raw');
@@ -272,7 +292,7 @@ describe('hostile images are refused', () => {
     try {
       const address = listener.address();
       if (address === null || typeof address === 'string') throw new Error('no TCP address');
-      const path = create('qcow2', join(root, 'nbd.qcow2'), '1M');
+      const path = await createImage('qcow2', join(root, 'nbd.qcow2'), '1M');
       rebaseUnsafe(path, `nbd://127.0.0.1:${address.port}/x`, 'raw');
       const { inspection } = await expectRefused(path, 'qcow2', 'backing-name-not-a-path');
       expect(inspection.images).toHaveLength(1);
@@ -300,7 +320,7 @@ describe('hostile images are refused', () => {
   ])(
     'a %s container declared raw or qcow2, recognised as qemu-img recognises it',
     async (format, options) => {
-      const path = create(format, join(root, `container.${format}`), '1M', ...options);
+      const path = await createImage(format, join(root, `container.${format}`), '1M', ...options);
       const { inspection } = await expectRefused(path, 'raw', 'foreign-header-as-raw');
       expect(inspection.images[0]?.header).toMatchObject({ kind: 'foreign', format });
       await expectRefused(path, 'qcow2', 'format-mismatch');
@@ -310,17 +330,33 @@ describe('hostile images are refused', () => {
   );
 
   it('a vmdk backing file, recorded or probed', async () => {
-    const vmdk = create('vmdk', join(root, 'backing.vmdk'), '1M');
-    const recorded = create('qcow2', join(root, 'vmdk-backed.qcow2'), undefined, '-b', vmdk, '-F', 'vmdk');
+    const vmdk = await createImage('vmdk', join(root, 'backing.vmdk'), '1M');
+    const recorded = await createImage(
+      'qcow2',
+      join(root, 'vmdk-backed.qcow2'),
+      undefined,
+      '-b',
+      vmdk,
+      '-F',
+      'vmdk',
+    );
     await expectRefused(recorded, 'qcow2', 'backing-format-unsupported');
-    const probed = create('qcow2', join(root, 'vmdk-probed.qcow2'), undefined, '-b', vmdk, '-F', 'vmdk');
+    const probed = await createImage(
+      'qcow2',
+      join(root, 'vmdk-probed.qcow2'),
+      undefined,
+      '-b',
+      vmdk,
+      '-F',
+      'vmdk',
+    );
     await dropBackingFormat(probed);
     const { inspection } = await expectRefused(probed, 'qcow2', 'backing-format-unsupported');
     expect(inspection.images[1]).toMatchObject({ openAs: 'vmdk', formatSource: 'probed' });
   });
 
   it('an encrypted qcow2', async () => {
-    const path = create(
+    const path = await createImage(
       'qcow2',
       join(root, 'encrypted.qcow2'),
       '1M',
@@ -334,32 +370,32 @@ describe('hostile images are refused', () => {
 
   it('a qcow2 declared raw', async () => {
     await expectRefused(
-      create('qcow2', join(root, 'qcow2-as-raw.img'), '1M'),
+      await createImage('qcow2', join(root, 'qcow2-as-raw.img'), '1M'),
       'raw',
       'foreign-header-as-raw',
     );
   });
 
   it('a corrupt image, and one with an unknown incompatible feature (qemu-img refuses it too)', async () => {
-    const corrupt = create('qcow2', join(root, 'corrupt.qcow2'), '1M');
+    const corrupt = await createImage('qcow2', join(root, 'corrupt.qcow2'), '1M');
     await setIncompatibleBits(corrupt, 2n);
     await expectRefused(corrupt, 'qcow2', 'corrupt');
     expect((await qemuInfo(corrupt)).corrupt).toBe(true);
 
-    const future = create('qcow2', join(root, 'future.qcow2'), '1M');
+    const future = await createImage('qcow2', join(root, 'future.qcow2'), '1M');
     await setIncompatibleBits(future, 1n << 20n);
     await expectRefused(future, 'qcow2', 'unknown-incompatible-features');
     await expect(qemuInfo(future)).rejects.toThrow(/Unsupported qcow2 feature/);
   });
 
   it('a hard-linked image, and a hard-linked backing file', async () => {
-    const path = create('qcow2', join(root, 'linked.qcow2'), '1M');
+    const path = await createImage('qcow2', join(root, 'linked.qcow2'), '1M');
     await link(path, join(root, 'linked-elsewhere.qcow2'));
     await expectRefused(path, 'qcow2', 'hard-linked');
 
-    const secret = create('raw', join(outside, 'hard-secret.raw'), '1M');
+    const secret = await createImage('raw', join(outside, 'hard-secret.raw'), '1M');
     await link(secret, join(root, 'hard-link.raw')); // same file system in this test
-    const top = create(
+    const top = await createImage(
       'qcow2',
       join(root, 'hard-backed.qcow2'),
       undefined,
@@ -372,18 +408,18 @@ describe('hostile images are refused', () => {
   });
 
   it('symlink escapes and absolute names outside the roots', async () => {
-    const secret = create('qcow2', join(outside, 'secret.qcow2'), '1M');
+    const secret = await createImage('qcow2', join(outside, 'secret.qcow2'), '1M');
     await symlink(secret, join(root, 'escape.qcow2'));
-    const viaLink = create('qcow2', join(root, 'via-link.qcow2'), '1M');
+    const viaLink = await createImage('qcow2', join(root, 'via-link.qcow2'), '1M');
     rebaseUnsafe(viaLink, 'escape.qcow2', 'qcow2');
     const { inspection } = await expectRefused(viaLink, 'qcow2', 'outside-allowed-roots');
     expect(inspection.images).toHaveLength(1);
 
-    const absolute = create('qcow2', join(root, 'absolute-out.qcow2'), '1M');
+    const absolute = await createImage('qcow2', join(root, 'absolute-out.qcow2'), '1M');
     rebaseUnsafe(absolute, secret, 'qcow2');
     await expectRefused(absolute, 'qcow2', 'outside-allowed-roots');
 
-    const dotdot = create('qcow2', join(root, 'dotdot.qcow2'), '1M');
+    const dotdot = await createImage('qcow2', join(root, 'dotdot.qcow2'), '1M');
     rebaseUnsafe(dotdot, '../outside/secret.qcow2', 'qcow2');
     await expectRefused(dotdot, 'qcow2', 'outside-allowed-roots');
   });
@@ -404,7 +440,7 @@ describe('hostile images are refused', () => {
       ['null-device', 'character device'],
       ['block-device', 'block-device'],
     ] as const) {
-      const top = create('qcow2', join(root, `backed-by-${name}.qcow2`), '1M');
+      const top = await createImage('qcow2', join(root, `backed-by-${name}.qcow2`), '1M');
       rebaseUnsafe(top, name, 'raw');
       const { inspection } = await expectRefused(top, 'qcow2', 'not-a-regular-file');
       expect(inspection.end).toMatchObject({ kind: 'not-an-image-file', fileType });
@@ -415,8 +451,8 @@ describe('hostile images are refused', () => {
   });
 
   it('a loop a → b → a', async () => {
-    const a = create('qcow2', join(root, 'loop-a.qcow2'), '1M');
-    const b = create('qcow2', join(root, 'loop-b.qcow2'), '1M');
+    const a = await createImage('qcow2', join(root, 'loop-a.qcow2'), '1M');
+    const b = await createImage('qcow2', join(root, 'loop-b.qcow2'), '1M');
     rebaseUnsafe(a, 'loop-b.qcow2', 'qcow2');
     rebaseUnsafe(b, 'loop-a.qcow2', 'qcow2');
     await expectRefused(a, 'qcow2', 'chain-loop');
@@ -425,9 +461,17 @@ describe('hostile images are refused', () => {
   it('a chain deeper than the limit', async () => {
     const dir = join(root, 'deep');
     await mkdir(dir);
-    let previous = create('qcow2', join(dir, '0.qcow2'), '8M');
+    let previous = await createImage('qcow2', join(dir, '0.qcow2'), '8M');
     for (let i = 1; i <= DEFAULT_MAX_BACKING_DEPTH + 4; i++)
-      previous = create('qcow2', join(dir, `${i}.qcow2`), undefined, '-b', `${i - 1}.qcow2`, '-F', 'qcow2');
+      previous = await createImage(
+        'qcow2',
+        join(dir, `${i}.qcow2`),
+        undefined,
+        '-b',
+        `${i - 1}.qcow2`,
+        '-F',
+        'qcow2',
+      );
     const { inspection } = await expectRefused(previous, 'qcow2', 'chain-too-deep');
     expect(inspection.images).toHaveLength(DEFAULT_MAX_BACKING_DEPTH + 1);
   });
@@ -437,8 +481,8 @@ describe('inspection time', () => {
   it('per image, median over 200 two-image chains: ours against qemu-img info', async () => {
     const dir = join(root, 'bench');
     await mkdir(dir);
-    const baseImage = create('qcow2', join(dir, 'base.qcow2'), '64M');
-    const template = create(
+    const baseImage = await createImage('qcow2', join(dir, 'base.qcow2'), '64M');
+    const template = await createImage(
       'qcow2',
       join(dir, 'template.qcow2'),
       undefined,
