@@ -419,7 +419,11 @@ describe('faults of servers, the controller and its state files', () => {
   fault(
     'the state directory deleted while running: changes still apply, a restart and stop-servers recover',
     async () => {
-      await rm(node.stateDir, { recursive: true, force: true });
+      // As an operator's `rm -rf`, again when it meets a file the running controller (or a
+      // client's admission) has just written there: a single pass then fails with ENOTEMPTY.
+      const deleteStateDirectory = () =>
+        rm(node.stateDir, { recursive: true, force: true, maxRetries: 20, retryDelay: 50 });
+      await deleteStateDirectory();
       await put('raw-d', raw(join(node.images, 'raw-d.raw'), '4Mi'));
       await put('q-d', qcow2(join(node.images, 'q-d.qcow2'), '4Mi'));
       await node.waitForReady('raw-d');
@@ -428,7 +432,7 @@ describe('faults of servers, the controller and its state files', () => {
       await expectHolds(node.uri(await node.waitForReady('q-a')), qcowData, check());
 
       // Once more, and this time a restart must recover it.
-      await rm(node.stateDir, { recursive: true, force: true });
+      await deleteStateDirectory();
       await node.stop('SIGKILL');
       await node.start();
       // Right after the restart the statuses still say what the last controller saw: wait for
@@ -442,7 +446,7 @@ describe('faults of servers, the controller and its state files', () => {
 
       // And stop-servers must end both servers even when the directory is gone again.
       await node.stop('SIGKILL');
-      await rm(node.stateDir, { recursive: true, force: true });
+      await deleteStateDirectory();
       await node.stopServers();
       await waitFor('no server of this node left', () =>
         serverPids(node, 'nbd-server').length + serverPids(node, 'qemu-storage-daemon').length === 0
