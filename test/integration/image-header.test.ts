@@ -127,6 +127,23 @@ async function expectRefused(path: string, declaredFormat: ImageFormat, code: st
 }
 
 /** Sets bits in a qcow2 v3 header's incompatible_features (big-endian u64 at offset 72). */
+/** `depth` QCOW2 images in a new `dir`, each backed by the one before (relative names); returns the top. */
+async function qcow2Chain(dir: string, depth: number): Promise<string> {
+  await mkdir(dir);
+  let previous = await createImage('qcow2', join(dir, '0.qcow2'), '8M');
+  for (let i = 1; i <= depth; i++)
+    previous = await createImage(
+      'qcow2',
+      join(dir, `${i}.qcow2`),
+      undefined,
+      '-b',
+      `${i - 1}.qcow2`,
+      '-F',
+      'qcow2',
+    );
+  return previous;
+}
+
 async function setIncompatibleBits(path: string, bits: bigint): Promise<void> {
   const handle = await open(path, 'r+');
   try {
@@ -212,20 +229,8 @@ describe('benign images: we agree with qemu-img info', () => {
   });
 
   it('a chain of exactly the limit, 16 backing files', async () => {
-    const dir = join(root, 'sixteen');
-    await mkdir(dir);
-    let previous = await createImage('qcow2', join(dir, '0.qcow2'), '8M');
-    for (let i = 1; i <= DEFAULT_MAX_BACKING_DEPTH; i++)
-      previous = await createImage(
-        'qcow2',
-        join(dir, `${i}.qcow2`),
-        undefined,
-        '-b',
-        `${i - 1}.qcow2`,
-        '-F',
-        'qcow2',
-      );
-    await expectAgreement(previous, 'qcow2');
+    const top = await qcow2Chain(join(root, 'sixteen'), DEFAULT_MAX_BACKING_DEPTH);
+    await expectAgreement(top, 'qcow2');
   });
 
   it('a dirty image (lazy refcounts, unclean shutdown) is served and reported dirty', async () => {
@@ -459,20 +464,8 @@ describe('hostile images are refused', () => {
   });
 
   it('a chain deeper than the limit', async () => {
-    const dir = join(root, 'deep');
-    await mkdir(dir);
-    let previous = await createImage('qcow2', join(dir, '0.qcow2'), '8M');
-    for (let i = 1; i <= DEFAULT_MAX_BACKING_DEPTH + 4; i++)
-      previous = await createImage(
-        'qcow2',
-        join(dir, `${i}.qcow2`),
-        undefined,
-        '-b',
-        `${i - 1}.qcow2`,
-        '-F',
-        'qcow2',
-      );
-    const { inspection } = await expectRefused(previous, 'qcow2', 'chain-too-deep');
+    const top = await qcow2Chain(join(root, 'deep'), DEFAULT_MAX_BACKING_DEPTH + 4);
+    const { inspection } = await expectRefused(top, 'qcow2', 'chain-too-deep');
     expect(inspection.images).toHaveLength(DEFAULT_MAX_BACKING_DEPTH + 1);
   });
 });

@@ -30,8 +30,8 @@ import {
 } from 'node:fs';
 import { dirname, join } from 'node:path';
 import {
-  childrenOf,
   commandNameOf,
+  descendantsOf,
   parentOf,
   processState,
   socketInodesOf,
@@ -47,8 +47,7 @@ const LOG_LIMIT = 1 << 20;
 /** How far up from the hook nbd-server's child is (hook ← flock ← sh ← nbd-server), with room. */
 const MAX_ANCESTRY = 6;
 /** Bounds on the controller's process tree searched for the client's socket. */
-const MAX_TREE_DEPTH = 4;
-const MAX_TREE_SIZE = 256;
+const CONTROLLER_TREE = { depth: 4, limit: 256 };
 
 let logPath: string | undefined;
 
@@ -184,17 +183,8 @@ async function identifyClient(controller: number | undefined): Promise<Connectin
 
 /** Whether `root` or a process it started (bounded search) holds the socket `inode`. */
 async function treeHolds(root: number, inode: string): Promise<boolean> {
-  let level = [root];
-  let seen = 0;
-  for (let depth = 0; depth <= MAX_TREE_DEPTH && level.length > 0 && seen < MAX_TREE_SIZE; depth++) {
-    const next: number[] = [];
-    for (const pid of level) {
-      if (++seen > MAX_TREE_SIZE) break;
-      if ((await socketInodesOf(pid)).has(inode)) return true;
-      next.push(...childrenOf(pid));
-    }
-    level = next;
-  }
+  for (const pid of [root, ...descendantsOf(root, CONTROLLER_TREE)])
+    if ((await socketInodesOf(pid)).has(inode)) return true;
   return false;
 }
 

@@ -7,8 +7,8 @@
  */
 import {
   allPids,
-  childrenOf,
   commandLineOf,
+  descendantsOf,
   descriptorTargetsOf,
   findProcesses,
   isRunning,
@@ -17,6 +17,9 @@ import {
   startTicksOf,
 } from '../process/proc-scan.js';
 import { parseTcpTable, readTcpSockets, TCP_LISTEN } from '../process/proc-net-tcp.js';
+
+/** The hook is three levels below nbd-server's child (sh, flock, node); the rest is room. */
+const HOOK_TREE = { depth: 4, limit: 64 };
 
 export interface ServerProcess {
   pid: number;
@@ -108,21 +111,11 @@ export async function processesListeningOn(port: number, configPath: string): Pr
   const holders = new Set<number>();
   for (const pid of findProcesses((argv, pid) => isRunning(pid) && isServerCommandLine(argv, configPath))) {
     if (!(await holds(pid))) continue;
-    for (const descendant of descendantsOf(pid)) if (await holds(descendant)) holders.add(descendant);
+    for (const descendant of descendantsOf(pid, HOOK_TREE))
+      if (await holds(descendant)) holders.add(descendant);
     holders.add(pid);
   }
   return [...holders];
-}
-
-/** What `pid` started, and what those started, a few levels down (the hook is three). */
-function descendantsOf(pid: number): number[] {
-  const found: number[] = [];
-  let level = childrenOf(pid);
-  for (let depth = 0; depth < 4 && level.length > 0; depth++) {
-    found.push(...level);
-    level = level.flatMap(childrenOf);
-  }
-  return found;
 }
 
 /** Pids of whatever listens on TCP `port` (for an error message when the port is taken). */

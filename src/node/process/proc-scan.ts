@@ -107,6 +107,23 @@ export function childrenOf(pid: number): number[] {
   return children;
 }
 
+/**
+ * What `pid` started, and what those started, breadth first: at most `depth` levels down and
+ * `limit` processes, so a fork storm cannot make the search unbounded.
+ */
+export function descendantsOf(pid: number, bounds: { depth: number; limit: number }): number[] {
+  const found: number[] = [];
+  let level = childrenOf(pid);
+  for (let depth = 1; depth <= bounds.depth && level.length > 0; depth++) {
+    for (const child of level) {
+      if (found.length >= bounds.limit) return found;
+      found.push(child);
+    }
+    level = level.flatMap(childrenOf);
+  }
+  return found;
+}
+
 /** The short command name of `pid` (/proc/<pid>/comm, at most 15 bytes); undefined when it is gone. */
 export function commandNameOf(pid: number): string | undefined {
   try {
