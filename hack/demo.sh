@@ -7,7 +7,9 @@
 #   3. waits for them to be Ready, writes data through NBD, reads it back and prints
 #      the checksums and the served exports;
 #   4. stops everything it started and removes the temporary directory.
-# Ports: NBD_PORT (default 10809), QEMU_PORT (10810), HEALTH_PORT (18080). KEEP=1 keeps the directory.
+# Ports: NBD_PORT (default 10809), QEMU_PORT (10810), DEDICATED_PORTS (10900-10999: the full
+# backup names maxConnections, so it gets a qemu-storage-daemon and port of its own under the
+# host firewall's rules), HEALTH_PORT (18080). KEEP=1 keeps the directory.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 cd "$ROOT"
@@ -18,6 +20,7 @@ npm run --silent build
 
 NBD_PORT="${NBD_PORT:-10809}"
 QEMU_PORT="${QEMU_PORT:-10810}"
+DEDICATED_PORTS="${DEDICATED_PORTS:-10900-10999}"
 HEALTH_PORT="${HEALTH_PORT:-18080}"
 work="$(mktemp -d /tmp/nbdx-demo.XXXXXX)"
 images="$work/images"
@@ -50,6 +53,7 @@ bin/nbd-export-controller run \
   --source "dir:$work/exports" --node-name demo-node \
   --allowed-root "$images" --state-dir "$work/state" --status-dir "$work/status" \
   --listen-address 127.0.0.1 --nbd-port "$NBD_PORT" --qemu-port "$QEMU_PORT" \
+  --dedicated-ports "$DEDICATED_PORTS" \
   --health-address 127.0.0.1 --health-port "$HEALTH_PORT" >"$work/controller.log" 2>&1 &
 controller_pid=$!
 

@@ -6,8 +6,8 @@
 #      (`npm ci --omit=dev`, from package-lock.json) in a staging directory;
 #   2. the root file system, by mmdebstrap from Debian bookworm's packages: the `essential`
 #      set (dpkg, bash, coreutils, …) plus nbd-server, qemu-utils (qemu-img),
-#      qemu-system-common (qemu-storage-daemon), libnbd-bin (nbdinfo, nbdcopy) and
-#      ca-certificates (as Containerfile), without
+#      qemu-system-common (qemu-storage-daemon), libnbd-bin (nbdinfo, nbdcopy), iptables
+#      (client rules on exports' own ports) and ca-certificates (as Containerfile), without
 #      recommends, documentation, manual pages or translations; the staging directory
 #      becomes /app (the pinned Node 24 runtime, dist/, bin/, node_modules/, package.json);
 #   3. that file system as the one layer of an OCI image (config, manifest, index written
@@ -56,7 +56,7 @@ fi
 SOURCE_DATE_EPOCH="${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct 2>/dev/null || echo 0)}"
 export SOURCE_DATE_EPOCH
 
-packages=(nbd-server qemu-utils qemu-system-common libnbd-bin ca-certificates)
+packages=(nbd-server qemu-utils qemu-system-common libnbd-bin iptables ca-certificates)
 archive="$IMAGE_DIR/nbd-export-controller-$version.oci.tar"
 work="$IMAGE_DIR/work"
 started=$SECONDS

@@ -29,6 +29,23 @@ export interface ExportConfig {
    * (qemu-storage-daemon holds the file it opened, so it needs none.)
    */
   fileId?: string;
+  /**
+   * qemu-storage-daemon: served by a daemon of its own, on a port of its own, where the node's
+   * firewall enforces allowedClients and maxConnections (QEMU's NBD server can do neither per
+   * export). Absent: the node's shared daemon, which limits no client per export.
+   */
+  dedicatedDaemon?: true;
+}
+
+/** The client rules of an export: what can change without its server opening anything anew. */
+export function accessOf(config: ExportConfig): { allowedClients: string[]; maxConnections: number } {
+  return { allowedClients: [...config.allowedClients].sort(), maxConnections: config.maxConnections };
+}
+
+/** Whether two configs of an export differ in nothing but their client rules. */
+export function differsOnlyInAccess(a: ExportConfig, b: ExportConfig): boolean {
+  const neutral = { allowedClients: [], maxConnections: 0 };
+  return fingerprintOf({ ...a, ...neutral }) === fingerprintOf({ ...b, ...neutral });
 }
 
 /**
@@ -48,6 +65,7 @@ export function fingerprintOf(config: ExportConfig): string {
     [...config.allowedClients].sort(),
     ...(config.backing && config.backing.length > 0 ? [config.backing] : []),
     ...(config.fileId === undefined ? [] : [{ fileId: config.fileId }]),
+    ...(config.dedicatedDaemon === true ? [{ dedicatedDaemon: true }] : []),
   ]);
   return createHash('sha256').update(canonical).digest('hex').slice(0, 16);
 }

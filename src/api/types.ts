@@ -57,7 +57,9 @@ export interface NbdExportSpec {
   readOnly?: boolean;
   /**
    * Connections served at once (default 1), the controller's own not counted. One client using
-   * several connections (NBD multi-conn) needs as many. Enforced by nbd-server (status.access).
+   * several connections (NBD multi-conn) needs as many. Enforced by nbd-server's admission hook,
+   * or by the node's firewall on the port of an export's own qemu-storage-daemon; absent on an
+   * export of the shared qemu-storage-daemon, no limit (status.access).
    */
   maxConnections?: number;
   /** CIDR allow-list; empty or absent allows every client that reaches the port. */

@@ -29,6 +29,10 @@ export async function runController(options: RunOptions): Promise<void> {
     listenAddress: options.listenAddress,
     nbdPort: options.nbdPort,
     qemuPort: options.qemuPort,
+    dedicatedPorts: options.dedicatedPorts,
+    ...(options.clientFirewall === 'iptables'
+      ? { clientFirewall: { controllerGroup: options.controllerGroup } }
+      : {}),
     ...(options.tlsDir === undefined ? {} : { tlsDir: options.tlsDir }),
     logger,
   });
@@ -44,6 +48,7 @@ export async function runController(options: RunOptions): Promise<void> {
     maxBackingDepth: options.maxBackingDepth,
     allowRawOverForeignHeader: options.allowRawOverForeignHeader,
     tls: options.tlsDir !== undefined,
+    clientFirewall: services.clientFirewall,
   };
   // The metrics read the controller only at scrape time, once the health server listens.
   const metrics: ControllerMetrics = new ControllerMetrics(

@@ -2,6 +2,8 @@
  * The `run` command's flags, with defaults. Parsing fails with a message naming the
  * flag; nothing here touches the node.
  */
+import { DEFAULT_CONTROLLER_GROUP } from '../controller/create-node-services.js';
+import { DEFAULT_DEDICATED_PORTS } from '../node/qemu-storage-daemon/qemu-export-fleet.js';
 import { DEFAULT_MAX_BACKING_DEPTH } from '../plan/image-header.js';
 import { hostname, networkInterfaces } from 'node:os';
 import { isAbsolute, join, resolve } from 'node:path';
@@ -21,6 +23,12 @@ export interface RunOptions {
   probeAddress: string;
   nbdPort: number;
   qemuPort: number;
+  /** Ports for qemu-storage-daemons of one export (exports with client rules). */
+  dedicatedPorts: { first: number; last: number };
+  /** iptables: the node's firewall enforces client rules on those ports; none: such exports are refused. */
+  clientFirewall: 'iptables' | 'none';
+  /** The group id the controller adds to its own groups; the firewall lets its connections through unlisted. */
+  controllerGroup: number;
   healthPort: number;
   healthAddress: string;
   rawServer: ServerKind;
@@ -50,6 +58,13 @@ export const RUN_USAGE = `usage: nbd-export-controller run [flags]
   --advertise-address ADDR     host written into status.uri (default: the listen address, or this host's first address)
   --nbd-port N                 nbd-server port (default 10809)
   --qemu-port N                qemu-storage-daemon port (default 10810)
+  --dedicated-ports N-M        ports for the qemu-storage-daemon of an export with allowedClients or
+                               maxConnections, one each (default ${DEFAULT_DEDICATED_PORTS.first}-${DEFAULT_DEDICATED_PORTS.last})
+  --client-firewall KIND       iptables: enforce those exports' client rules on their ports (needs root);
+                               none: refuse such exports as Unsupported (default iptables)
+  --controller-group GID       a group id the controller adds to its own groups; the firewall lets its
+                               probe and checksum reader through by it, unlisted. Give it to no one else
+                               (default ${DEFAULT_CONTROLLER_GROUP})
   --health-port N              /healthz, /readyz, /metrics (default 8080; 0 picks a free port)
   --health-address ADDR        address of the health server (default 0.0.0.0)
   --raw-server KIND            who serves raw files and devices: nbd-server or qemu-storage-daemon (default nbd-server)
@@ -81,6 +96,12 @@ export function parseRunOptions(argv: string[]): RunOptions {
       'advertise-address': { type: 'string' },
       'nbd-port': { type: 'string', default: '10809' },
       'qemu-port': { type: 'string', default: '10810' },
+      'dedicated-ports': {
+        type: 'string',
+        default: `${DEFAULT_DEDICATED_PORTS.first}-${DEFAULT_DEDICATED_PORTS.last}`,
+      },
+      'client-firewall': { type: 'string', default: 'iptables' },
+      'controller-group': { type: 'string', default: String(DEFAULT_CONTROLLER_GROUP) },
       'health-port': { type: 'string', default: '8080' },
       'health-address': { type: 'string', default: '0.0.0.0' },
       'raw-server': { type: 'string', default: 'nbd-server' },
@@ -104,6 +125,10 @@ export function parseRunOptions(argv: string[]): RunOptions {
   if (rawServer !== 'nbd-server' && rawServer !== 'qemu-storage-daemon')
     throw new UsageError(`--raw-server must be nbd-server or qemu-storage-daemon, got "${rawServer}"`);
 
+  const clientFirewall = values['client-firewall'];
+  if (clientFirewall !== 'iptables' && clientFirewall !== 'none')
+    throw new UsageError(`--client-firewall must be iptables or none, got "${clientFirewall}"`);
+
   const stateDir = absolute('--state-dir', values['state-dir']);
   const listenAddress = values['listen-address'];
   const wildcard = listenAddress === '0.0.0.0' || listenAddress === '::';
@@ -126,6 +151,9 @@ export function parseRunOptions(argv: string[]): RunOptions {
     probeAddress: wildcard ? (listenAddress === '::' ? '::1' : '127.0.0.1') : listenAddress,
     nbdPort: port('--nbd-port', values['nbd-port']),
     qemuPort: port('--qemu-port', values['qemu-port']),
+    dedicatedPorts: portRange('--dedicated-ports', values['dedicated-ports']),
+    clientFirewall,
+    controllerGroup: positive('--controller-group', values['controller-group']),
     healthPort: port('--health-port', values['health-port'], true),
     healthAddress: values['health-address'],
     rawServer,
@@ -152,6 +180,15 @@ function port(flag: string, value: string, allowZero = false): number {
   if (!Number.isInteger(n) || n < (allowZero ? 0 : 1) || n > 65535)
     throw new UsageError(`${flag} must be a port number, got "${value}"`);
   return n;
+}
+
+function portRange(flag: string, value: string): { first: number; last: number } {
+  const match = /^([0-9]+)-([0-9]+)$/.exec(value);
+  const first = match ? port(flag, match[1] ?? '') : NaN;
+  const last = match ? port(flag, match[2] ?? '') : NaN;
+  if (!match || first > last)
+    throw new UsageError(`${flag} must be a port range like 10900-10999, got "${value}"`);
+  return { first, last };
 }
 
 function positive(flag: string, value: string): number {

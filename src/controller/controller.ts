@@ -193,7 +193,8 @@ function timedProbes(
     checksums: services.checksums,
     resolvePath: (path) => services.resolvePath(path),
     async probe(target) {
-      const server = target.port === policy.qemuPort ? 'qemu-storage-daemon' : 'nbd-server';
+      // Every port but nbd-server's is a qemu-storage-daemon's (the shared one or an export's own).
+      const server = target.port === policy.nbdServerPort ? 'nbd-server' : 'qemu-storage-daemon';
       const started = clock.now();
       try {
         const result = await services.probe(target);

@@ -18,7 +18,12 @@ import {
 } from '../node/qemu-img.js';
 import { createBackingGate, judgeImageChain, type ImageJudgeRequest } from '../plan/image-header.js';
 import type { ImageObservation } from '../plan/observed-state.js';
-import { QemuStorageDaemon } from '../node/qemu-storage-daemon/qemu-storage-daemon.js';
+import { HostFirewall } from '../node/firewall/host-firewall.js';
+import {
+  DEFAULT_DEDICATED_PORTS,
+  QemuExportFleet,
+  type PortRange,
+} from '../node/qemu-storage-daemon/qemu-export-fleet.js';
 import { resolvePath } from '../node/resolve-path.js';
 import { tlsClientIdentity } from '../node/tls-client-identity.js';
 import { corruptStateFilesMovedAside } from '../node/corrupt-state-file.js';
@@ -28,6 +33,13 @@ import { collectExportFigures } from './metrics/export-figures.js';
 import { readProcessIo, type ProcessIo } from './metrics/process-io.js';
 import type { NodeServices } from './node-services.js';
 
+/**
+ * `run --controller-group` by default: in Debian's range reserved for its own global ids
+ * (60000-64999), which adduser never hands out. The firewall lets connections of processes
+ * with this supplementary group through unlisted, so no one else on the node may have it.
+ */
+export const DEFAULT_CONTROLLER_GROUP = 64209;
+
 /** How often the state directory's condition is checked for /metrics. */
 const STATE_DIRECTORY_CHECK_MS = 5_000;
 
@@ -36,12 +48,22 @@ export interface NodeServicesOptions {
   listenAddress: string;
   nbdPort: number;
   qemuPort: number;
+  /** Ports for qemu-storage-daemons of one export (exports with client rules). */
+  dedicatedPorts: PortRange;
+  /**
+   * Enforce client rules on those ports with iptables; `controllerGroup` is added to this
+   * process's supplementary groups, and the firewall lets connections of processes in it
+   * through (the probe needs no entry in any list). Absent: no firewall.
+   */
+  clientFirewall?: { controllerGroup: number };
   /** `run --tls-dir`: both servers require TLS and a client certificate from its CA. */
   tlsDir?: string;
   logger: Logger;
 }
 
 export interface StartedNodeServices extends NodeServices {
+  /** The firewall enforces client rules on exports' own ports; a string says why it cannot. */
+  clientFirewall: true | string;
   /** Stops supervising; the servers and their clients keep running. */
   detach(): Promise<void>;
   /** For /metrics: what the servers and the ledger report now. */
@@ -80,10 +102,13 @@ export async function createNodeServices(options: NodeServicesOptions): Promise<
     logger,
     ...tls,
   });
-  const qemu = new QemuStorageDaemon({
+  const clientFirewall = await startClientFirewall(options, logger);
+  const qemu = new QemuExportFleet({
     stateDir,
     listenAddress: options.listenAddress,
     port: options.qemuPort,
+    dedicatedPorts: options.dedicatedPorts,
+    firewall: clientFirewall instanceof HostFirewall ? clientFirewall : undefined,
     logger,
     ...tls,
   });
@@ -100,6 +125,7 @@ export async function createNodeServices(options: NodeServicesOptions): Promise<
     ...(clientIdentity === undefined ? {} : { tlsCertificatesDir: clientIdentity.certificatesDir }),
   });
   return {
+    clientFirewall: clientFirewall instanceof HostFirewall ? true : clientFirewall,
     ledger,
     nbdServer,
     qemu,
@@ -163,7 +189,8 @@ export async function createNodeServices(options: NodeServicesOptions): Promise<
           loadedExports: nbdServer.loaded().size,
           lastRestartAt: nbd.lastRestartAt,
         },
-        qemuStorageDaemon: { running: qemu.status().running },
+        qemuStorageDaemon: { running: qemu.status().running, dedicated: qemu.dedicatedDaemons() },
+        clientFirewall: clientFirewall instanceof HostFirewall,
         ownedExports: ledger.all().length,
         stateDirectory: {
           condition: stateDirectory.condition(),
@@ -184,6 +211,43 @@ export async function createNodeServices(options: NodeServicesOptions): Promise<
       });
     },
   };
+}
+
+/**
+ * The firewall that enforces client rules on exports' own ports, or why there is none. The
+ * controller's group is added to this process's supplementary groups first: every connection
+ * it and its children make (probe, checksum reader) then carries it, and only those pass
+ * unlisted. Files are still created with the primary group.
+ */
+async function startClientFirewall(
+  options: NodeServicesOptions,
+  logger: Logger,
+): Promise<HostFirewall | string> {
+  if (options.clientFirewall === undefined) return 'run --client-firewall none';
+  const unusable = await HostFirewall.check();
+  if (unusable !== undefined) {
+    logger.warn(
+      { reason: unusable },
+      'no firewall: exports on qemu-storage-daemon that name allowedClients or maxConnections are refused',
+    );
+    return unusable;
+  }
+  const group = options.clientFirewall.controllerGroup;
+  try {
+    const { getgroups, setgroups } = process;
+    if (!getgroups || !setgroups) throw new Error('this platform has no supplementary groups');
+    const groups = getgroups();
+    if (!groups.includes(group)) setgroups([...groups, group]);
+  } catch (error) {
+    const reason = `cannot add group ${group} to the controller's groups: ${error instanceof Error ? error.message : String(error)}`;
+    logger.warn({ reason }, 'no firewall');
+    return reason;
+  }
+  logger.info(
+    { controllerGroup: group, dedicatedPorts: options.dedicatedPorts },
+    "client rules on exports' own ports are enforced by iptables",
+  );
+  return new HostFirewall({ stateDir: options.stateDir, exemptGid: group, logger });
 }
 
 /**
@@ -226,11 +290,19 @@ async function removeTemporaryImagesOfLedger(ledger: OwnershipLedger, logger: Lo
   }
 }
 
-/** `stop-servers`: ends both servers of a state directory and every client they serve. */
+/**
+ * `stop-servers`: ends every server of a state directory and every client they serve, then
+ * lifts the firewall rules of exports' own ports (nothing listens on them any more).
+ */
 export async function stopServers(stateDir: string): Promise<void> {
   const logger = pino({ level: 'info' });
   const nbdServer = new NbdServerSupervisor({ stateDir, logger });
   await nbdServer.stop({ disconnectClients: true });
-  const qemu = new QemuStorageDaemon({ stateDir, logger });
+  // Only lifts rules: the group that passes unlisted is never rendered.
+  const firewall =
+    (await HostFirewall.check()) === undefined
+      ? new HostFirewall({ stateDir, exemptGid: DEFAULT_CONTROLLER_GROUP, logger })
+      : undefined;
+  const qemu = new QemuExportFleet({ stateDir, logger, dedicatedPorts: DEFAULT_DEDICATED_PORTS, firewall });
   await qemu.stop();
 }

@@ -32,9 +32,14 @@ export interface NbdServerControl {
 }
 
 export interface QemuServerControl {
-  exports(): Promise<ReadonlyMap<string, { fingerprint: string; config: ExportConfig }>>;
+  /** `port`: the export's own daemon's, when it has one (ExportConfig.dedicatedDaemon). */
+  exports(): Promise<ReadonlyMap<string, { fingerprint: string; config: ExportConfig; port?: number }>>;
   addExport(config: ExportConfig): Promise<void>;
+  /** New client rules for an export served by a daemon of its own; its clients stay connected. */
+  updateAccess(config: ExportConfig): Promise<void>;
   removeExport(exportName: string, options: { force: boolean }): Promise<void>;
+  /** Export names that have a daemon of their own, served or not: the orphan sweep releases those no resource owns. */
+  assigned(): ReadonlySet<string>;
   /**
    * `starts`: daemons this instance has spawned. A new daemon serves nothing, whoever's call
    * started it; a change of this count means every export must be added again.

@@ -139,7 +139,13 @@ async function serverSnapshot(
         server,
         exportName,
         running: qemuRunning,
-        ...(entry ? { served: entry.fingerprint || fingerprintOf(entry.config) } : {}),
+        ...(entry
+          ? {
+              served: entry.fingerprint || fingerprintOf(entry.config),
+              servedConfig: entry.config,
+              ...(entry.port === undefined ? {} : { port: entry.port }),
+            }
+          : {}),
       };
     },
   };

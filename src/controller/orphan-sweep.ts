@@ -37,6 +37,7 @@ export async function sweepOrphans(
   const nbdConfigured = await nbdServer.configured();
   const nbdLoaded = [...nbdServer.loaded().keys()];
   const qemuServed = await qemu.exports();
+  const qemuAssigned = [...qemu.assigned()];
   const owned = new Set(
     ledger.all().flatMap((r) => (r.exportName === undefined ? [] : [`${r.server}/${r.exportName}`])),
   );
@@ -47,7 +48,7 @@ export async function sweepOrphans(
     nbdChanged = (await nbdServer.removeExport(exportName)) || nbdChanged;
   }
   if (nbdChanged || nbdLoaded.some((name) => !owned.has(`nbd-server/${name}`))) nbdServer.requestApply();
-  for (const exportName of qemuServed.keys()) {
+  for (const exportName of new Set([...qemuServed.keys(), ...qemuAssigned])) {
     if (owned.has(`qemu-storage-daemon/${exportName}`)) continue;
     logger.warn({ export: exportName }, 'qemu-storage-daemon export owned by no resource; removing it');
     await qemu.removeExport(exportName, { force: true });

@@ -140,8 +140,8 @@ export class Reconciler {
   }
 
   /** Where this node's own clients (the checksum reader) reach an export. */
-  #localUri(server: ServerKind, exportName: string): string {
-    return exportUri(this.#policy, this.#policy.probeHost, server, exportName);
+  #localUri(server: ServerKind, exportName: string, dedicatedPort: number | undefined): string {
+    return exportUri(this.#policy, this.#policy.probeHost, server, exportName, 'nbd', dedicatedPort);
   }
 
   #probeOf(key: ResourceKey): ProbeObservation | undefined {
@@ -261,6 +261,17 @@ export class Reconciler {
           await qemu.addExport(action.config);
           log.info({ export: action.config.exportName }, 'qemu-storage-daemon export added');
           break;
+        case 'updateQemuExportAccess':
+          await qemu.updateAccess(action.config);
+          log.info(
+            {
+              export: action.config.exportName,
+              allowedClients: action.config.allowedClients,
+              maxConnections: action.config.maxConnections,
+            },
+            "client rules of the export's own port changed",
+          );
+          break;
         case 'removeQemuExport':
           await qemu.removeExport(action.exportName, { force: action.force });
           log.info({ export: action.exportName, force: action.force }, 'qemu-storage-daemon export removed');
@@ -269,12 +280,14 @@ export class Reconciler {
           this.#services.checksums.start(
             key,
             action.request,
-            this.#localUri(action.server, action.exportName),
+            this.#localUri(action.server, action.exportName, action.port),
           );
           log.info({ checksum: action.request.kind }, 'checksum of the export started');
           break;
         case 'probe': {
-          const port = action.server === 'nbd-server' ? this.#policy.nbdServerPort : this.#policy.qemuPort;
+          const port =
+            action.port ??
+            (action.server === 'nbd-server' ? this.#policy.nbdServerPort : this.#policy.qemuPort);
           const result = await this.#services.probe({
             host: this.#policy.probeHost,
             port,

@@ -3,49 +3,19 @@
  * the one runner with a deadline, process/run-command.ts; its names are re-exported here
  * for the callers that import them from this module.
  */
-import { describeTimeout, type CommandResult } from './process/run-command.js';
+import { CommandError, failureMessage } from './process/command-error.js';
+import type { CommandResult } from './process/run-command.js';
 
 export { runCommand, type CommandResult, type CommandRunner } from './process/run-command.js';
 
-/** A QEMU tool failed: carries what a person needs to understand it. */
-export class QemuCommandError extends Error {
+/** A QEMU tool failed (src/node/process/command-error.ts). */
+export class QemuCommandError extends CommandError {
   override name = 'QemuCommandError';
-  readonly command: string;
-  readonly args: readonly string[];
-  /** Undefined when the program did not start or was killed by a signal. */
-  readonly exitCode: number | undefined;
-  readonly stderr: string;
 
-  constructor(
-    command: string,
-    args: readonly string[],
-    exitCode: number | undefined,
-    stderr: string,
-    options?: { cause?: unknown; message?: string },
-  ) {
-    const detail = stderr.trim() || (exitCode === undefined ? 'did not run' : `exit code ${exitCode}`);
-    super(options?.message ?? `${command} ${args.join(' ')}: ${detail}`, { cause: options?.cause });
-    this.command = command;
-    this.args = args;
-    this.exitCode = exitCode;
-    this.stderr = stderr;
-  }
-
-  /**
-   * Builds the error for a failed CommandResult; a program that is not installed, or was
-   * killed at its deadline, says so.
-   */
   static fromResult(command: string, args: readonly string[], result: CommandResult): QemuCommandError {
-    const code = (result.spawnError as NodeJS.ErrnoException | undefined)?.code;
-    const message =
-      code === 'ENOENT'
-        ? `${command} is not installed or not on PATH (Debian: qemu-utils / qemu-system-common)`
-        : result.timedOut !== undefined
-          ? `${command} ${args.join(' ')}: ${describeTimeout(result.timedOut)}${result.stderr.trim() ? `: ${result.stderr.trim()}` : ''}`
-          : undefined;
     return new QemuCommandError(command, args, result.exitCode, result.stderr, {
       cause: result.spawnError,
-      ...(message === undefined ? {} : { message }),
+      message: failureMessage(command, args, result, 'qemu-utils / qemu-system-common'),
     });
   }
 }

@@ -32,8 +32,24 @@ export type Action =
   | { kind: 'disconnectNbdServerClients'; exportName: string }
   | { kind: 'addQemuExport'; config: ExportConfig }
   | { kind: 'removeQemuExport'; exportName: string; force: boolean }
-  | { kind: 'probe'; server: ServerKind; exportName: string; fingerprint: string; expectedSize: number }
+  /** New client rules for an export on a qemu-storage-daemon of its own; its clients stay connected. */
+  | { kind: 'updateQemuExportAccess'; config: ExportConfig }
+  /** `port`: the export's own qemu-storage-daemon's, when it has one (else the server's shared port). */
+  | {
+      kind: 'probe';
+      server: ServerKind;
+      exportName: string;
+      fingerprint: string;
+      expectedSize: number;
+      port?: number;
+    }
   /** Reads the export through its server in the background and hashes it (seal or verify). */
-  | { kind: 'startChecksum'; server: ServerKind; exportName: string; request: ChecksumRequest };
+  | {
+      kind: 'startChecksum';
+      server: ServerKind;
+      exportName: string;
+      request: ChecksumRequest;
+      port?: number;
+    };
 
 export type ActionKind = Action['kind'];

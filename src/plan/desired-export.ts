@@ -20,6 +20,12 @@ export interface DesiredExport {
   specPath: string;
   isDevice: boolean;
   readOnly: boolean;
+  /**
+   * Served by a qemu-storage-daemon of its own, behind the node firewall's rules: the spec
+   * names client rules (allowedClients or maxConnections), which QEMU's NBD server cannot
+   * enforce per export (src/node/qemu-storage-daemon/qemu-export-fleet.ts).
+   */
+  dedicatedDaemon: boolean;
   /** The backing file a creation would name, as the spec names it. */
   createBackingFile?: string;
   /** Its format, when the spec says (else it is probed by magic, never by QEMU). */
@@ -44,15 +50,19 @@ export function desiredExportOf(
   const format: ImageFormat = file?.format ?? 'raw';
   const backing = file?.create?.backingFile;
   const backingFormat = file?.create?.backingFormat;
+  const server = serverFor(format, policy);
   return {
     ok: true,
     spec,
     exportName: effectiveExportName(resource),
     format,
-    server: serverFor(format, policy),
+    server,
     specPath: file?.path ?? spec.source.blockDevice?.path ?? '',
     isDevice: file === undefined,
     readOnly: spec.readOnly ?? false,
+    dedicatedDaemon:
+      server === 'qemu-storage-daemon' &&
+      ((spec.allowedClients?.length ?? 0) > 0 || spec.maxConnections !== undefined),
     ...(backing === undefined ? {} : { createBackingFile: backing }),
     ...(backingFormat === undefined ? {} : { createBackingFormat: backingFormat }),
   };

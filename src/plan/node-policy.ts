@@ -24,6 +24,11 @@ export interface NodePolicy {
   allowRawOverForeignHeader: boolean;
   /** Both servers require TLS with a client certificate (`run --tls-dir`): status.uri reads nbds://. Absent: false. */
   tls?: boolean;
+  /**
+   * The node's firewall enforces client rules on the ports of qemu-storage-daemons of one
+   * export (`run --client-firewall`); a string says why it cannot. Absent: no firewall.
+   */
+  clientFirewall?: true | string;
 }
 
 /** Who serves an image of this format (block devices are raw): QCOW2 needs a format-aware server. */
@@ -74,6 +79,7 @@ export function isPathAllowed(
 /**
  * Where a server of this node serves an export, as an NBD URI: `host` is the address clients
  * use (status.uri: the advertised one) or the node's own (the probe's, for its own readers).
+ * `dedicatedPort`: the port of the export's own qemu-storage-daemon, when it has one.
  */
 export function exportUri(
   policy: Pick<NodePolicy, 'nbdServerPort' | 'qemuPort'>,
@@ -81,8 +87,9 @@ export function exportUri(
   server: ServerKind,
   exportName: string,
   scheme: 'nbd' | 'nbds' = 'nbd',
+  dedicatedPort?: number,
 ): string {
   const bracketed = host.includes(':') ? `[${host}]` : host;
-  const port = server === 'nbd-server' ? policy.nbdServerPort : policy.qemuPort;
+  const port = dedicatedPort ?? (server === 'nbd-server' ? policy.nbdServerPort : policy.qemuPort);
   return `${scheme}://${bracketed}:${port}/${exportName}`;
 }

@@ -3,6 +3,7 @@
  * (src/node via src/controller) before each planning step. Plain data: the planner
  * decides from it alone, so every decision is testable as a table.
  */
+import type { ExportConfig } from '../api/export-config.js';
 import type { ServerKind } from '../api/types.js';
 import type { ActionKind } from './actions.js';
 
@@ -59,6 +60,10 @@ export interface ServingObservation {
   staleConnections?: number;
   /** Why the server is not running, when it failed to start. */
   failure?: string;
+  /** qemu-storage-daemon: the port of the export's own daemon, when it is served by one. */
+  port?: number;
+  /** qemu-storage-daemon: the config it serves, so that a change of client rules alone can be told apart. */
+  servedConfig?: ExportConfig;
 }
 
 export interface ProbeObservation {

@@ -5,7 +5,7 @@
  * name the next step, and running it on a converged node yields nothing to do.
  */
 import { findCondition, type ConditionDraft } from '../api/conditions.js';
-import { fingerprintOf, type ExportConfig } from '../api/export-config.js';
+import { differsOnlyInAccess, fingerprintOf, type ExportConfig } from '../api/export-config.js';
 import { parseQuantity } from '../api/quantity.js';
 import { ConditionType, EventReason, Reason } from '../api/reasons.js';
 import {
@@ -78,12 +78,18 @@ function planNextStep({ resource, desired, observed, policy }: PlanInput): Expor
     return waiting([{ kind: 'addFinalizer' }], Reason.Reconciling, 'adding the cleanup finalizer');
 
   const { spec, exportName, format, server, isDevice, specPath } = desired;
+  // An export's own daemon has the port it was given: known once it serves.
+  const dedicatedPort = desired.dedicatedDaemon ? observed.desired?.port : undefined;
+  const uri =
+    desired.dedicatedDaemon && dedicatedPort === undefined
+      ? undefined
+      : uriFor(policy, server, exportName, dedicatedPort);
   const fields: StatusFields = {
     exportName,
     server,
     format,
-    uri: uriFor(policy, server, exportName),
-    access: accessFor(spec, server, policy),
+    ...(uri === undefined ? {} : { uri }),
+    access: accessFor(desired, policy),
   };
   if (observed.executionFailure) return { ...failedPlan(observed.executionFailure), fields };
 
@@ -146,11 +152,11 @@ function planNextStep({ resource, desired, observed, policy }: PlanInput): Expor
       fields,
     };
 
-  if (server === 'qemu-storage-daemon' && (spec.allowedClients?.length ?? 0) > 0)
+  if (desired.dedicatedDaemon && policy.clientFirewall !== true)
     return {
       ...notReady(
         Reason.Unsupported,
-        'allowedClients is enforced only by nbd-server (its admission hook), but this export is served by qemu-storage-daemon (QCOW2, or the node serves every format with it), which cannot filter clients by address per export. Remove allowedClients and restrict who reaches the port (network policy, or client certificates with run --tls-dir).',
+        `allowedClients and maxConnections on a qemu-storage-daemon export (QCOW2, or the node serves every format with it) are enforced by the node's firewall on a port of the export's own, and this node has none (${policy.clientFirewall ?? 'run --client-firewall none'}). Remove them, or run the controller with the firewall (as root, with iptables).`,
       ),
       fields,
     };
@@ -208,6 +214,7 @@ function planNextStep({ resource, desired, observed, policy }: PlanInput): Expor
     allowedClients: spec.allowedClients ?? [],
     ...(format === 'qcow2' && info.backingChain.length > 0 ? { backing: backingOf(info) } : {}),
     ...(server === 'nbd-server' && info.fileId !== undefined ? { fileId: info.fileId } : {}),
+    ...(desired.dedicatedDaemon ? { dedicatedDaemon: true as const } : {}),
   };
   const clientSize = servedSize(server, format, info.virtualSize);
   const serving = planServing(config, observed, clientSize);
@@ -397,7 +404,8 @@ function planServing(
         requeueAfterMs: RETRY_SOON_MS,
       };
   } else {
-    if (!desired.running)
+    // An export's own daemon is started by adding the export; only the shared one is awaited.
+    if (!desired.running && config.dedicatedDaemon !== true)
       return {
         actions: record,
         exported: exported(
@@ -406,6 +414,20 @@ function planServing(
           'qemu-storage-daemon is not running; it is being restarted',
         ),
         requeueAfterMs: RETRY_SOON_MS,
+      };
+    if (
+      desired.served !== fingerprint &&
+      config.dedicatedDaemon === true &&
+      desired.servedConfig?.dedicatedDaemon === true &&
+      differsOnlyInAccess(desired.servedConfig, config)
+    )
+      return {
+        actions: [...record, { kind: 'updateQemuExportAccess', config }],
+        exported: exported(
+          'False',
+          Reason.ConfigPending,
+          "applying the new client rules to the export's own port; connected clients keep their connections",
+        ),
       };
     if (desired.served !== fingerprint) {
       const actions: Action[] = [...record];
@@ -441,7 +463,14 @@ function planServing(
   if (!probe || probe.fingerprint !== fingerprint || !isFresh(probe) || sizeChanged)
     return {
       actions: [
-        { kind: 'probe', server: config.server, exportName: config.exportName, fingerprint, expectedSize },
+        {
+          kind: 'probe',
+          server: config.server,
+          exportName: config.exportName,
+          fingerprint,
+          expectedSize,
+          ...(desired.port === undefined ? {} : { port: desired.port }),
+        },
       ],
       exported: exported('False', Reason.Probing, 'checking the export with an NBD handshake'),
     };
@@ -657,29 +686,51 @@ function warningEventFor(reason: string): string | undefined {
   }
 }
 
-/** The client rules in force for an export (status.access): what its server can enforce. */
-function accessFor(spec: NbdExportSpec, server: ServerKind, policy: NodePolicy): ClientAccess {
+/** The client rules in force for an export (status.access): what its server, or the firewall, enforces. */
+function accessFor(desired: DesiredExport, policy: NodePolicy): ClientAccess {
   const clientCertificate = policy.tls === true;
-  if (server === 'nbd-server')
+  const rules = {
+    allowedClients: desired.spec.allowedClients ?? [],
+    maxConnections: desired.spec.maxConnections ?? 1,
+    clientCertificate,
+  };
+  if (desired.server === 'nbd-server')
     return {
-      allowedClients: spec.allowedClients ?? [],
-      maxConnections: spec.maxConnections ?? 1,
-      clientCertificate,
+      ...rules,
       enforcedBy:
         "nbd-server's admission hook, at every connection (the controller's own probe is let in by its process, not its address)",
+    };
+  if (desired.dedicatedDaemon && policy.clientFirewall !== true)
+    return {
+      ...rules,
+      enforcedBy:
+        'nothing: the export is not served, since this node has no firewall to enforce its rules (see Ready)',
+    };
+  if (desired.dedicatedDaemon)
+    return {
+      ...rules,
+      enforcedBy:
+        "the node's firewall, on the port of the export's own qemu-storage-daemon (the controller's own probe is let in by a group id only its processes carry, not by its address)",
     };
   return {
     allowedClients: [],
     clientCertificate,
     enforcedBy: clientCertificate
-      ? "qemu-storage-daemon: any client with a certificate from the node's CA; it cannot filter addresses or count clients per export"
-      : 'nothing per export: qemu-storage-daemon serves any client that reaches its port; it cannot filter addresses or count clients per export',
+      ? "qemu-storage-daemon's shared port: any client with a certificate from the node's CA, any number (name allowedClients or maxConnections to give the export a port of its own under those rules)"
+      : "nothing per export: qemu-storage-daemon's shared port serves any client that reaches it (name allowedClients or maxConnections to give the export a port of its own under those rules)",
   };
 }
 
-function uriFor(policy: NodePolicy, server: ServerKind, exportName: string): string {
+function uriFor(policy: NodePolicy, server: ServerKind, exportName: string, dedicatedPort?: number): string {
   // nbds:// tells libnbd (and QEMU) to insist on TLS: with --tls-dir a plain client is refused anyway.
-  return exportUri(policy, policy.advertiseHost, server, exportName, policy.tls === true ? 'nbds' : 'nbd');
+  return exportUri(
+    policy,
+    policy.advertiseHost,
+    server,
+    exportName,
+    policy.tls === true ? 'nbds' : 'nbd',
+    dedicatedPort,
+  );
 }
 
 function readyFrom(exported: ConditionDraft): ConditionDraft {

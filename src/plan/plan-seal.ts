@@ -36,8 +36,15 @@ export function planSeal(plan: ExportPlan, { resource, desired, observed }: Seal
   const totalBytes = plan.fields.virtualSize;
   const job = observed.checksum;
   const actions: Action[] = [];
+  const port = observed.desired?.port;
   const start = (request: ChecksumRequest) =>
-    actions.push({ kind: 'startChecksum', server: desired.server, exportName: desired.exportName, request });
+    actions.push({
+      kind: 'startChecksum',
+      server: desired.server,
+      exportName: desired.exportName,
+      request,
+      ...(port === undefined ? {} : { port }),
+    });
 
   // The seal: kept while the generation stands, else computed afresh.
   const previous = resource.status?.seal;

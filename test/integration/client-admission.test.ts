@@ -1,7 +1,7 @@
 /**
  * Who gets in, with the real controller (its own process, as in production), nbd-server and
  * NBD clients: allowedClients and maxConnections are enforced by nbd-server's admission hook
- * at every connection, and the controller's own probe passes without being in the list or
+ * at every connection (QCOW2 exports with rules: test/integration/qemu-client-rules.test.ts), and the controller's own probe passes without being in the list or
  * counted. The clients here run in the test's process tree, so they are outsiders to the
  * controller, as any client on the node is.
  */
@@ -84,16 +84,15 @@ describe('client admission', () => {
     expect(await isServed(uri)).toBe(true); // clients at once, not over the server's life
   });
 
-  it('a QCOW2 export says that nothing per export limits its clients', async () => {
+  it('a QCOW2 export without client rules says that nothing per export limits its clients', async () => {
     await node.writeExports('q.yaml', [
       nbdExport('q', {
         source: { file: { path: join(node.images, 'q.qcow2'), format: 'qcow2', create: { size: '1Mi' } } },
-        maxConnections: 2,
       }),
     ]);
     const q = await node.waitForReady('q');
     expect(q.status?.access).toMatchObject({ allowedClients: [], clientCertificate: false });
     expect(q.status?.access?.maxConnections).toBeUndefined();
-    expect(q.status?.access?.enforcedBy).toMatch(/cannot filter addresses or count clients per export/);
+    expect(q.status?.access?.enforcedBy).toMatch(/^nothing per export: qemu-storage-daemon's shared port/);
   });
 });

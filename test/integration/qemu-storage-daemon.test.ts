@@ -307,7 +307,7 @@ describe('QemuStorageDaemon', () => {
 
   it('refuses configs it cannot serve', async () => {
     await expect(daemon.addExport(config('x', disk(), { server: 'nbd-server' }))).rejects.toThrow(TypeError);
-    await expect(daemon.addExport(config('x', disk(), { allowedClients: ['10.0.0.0/8'] }))).rejects.toThrow(
+    await expect(daemon.addExport(config('x', disk(), { format: 'vmdk' as 'raw' }))).rejects.toThrow(
       TypeError,
     );
   });

@@ -61,9 +61,10 @@ export async function exportSize(uri: string): Promise<number> {
   return Number(stdout.trim());
 }
 
-/** Whether `nbdinfo --size` can connect to the export at all. */
-export async function isServed(uri: string): Promise<boolean> {
-  const result = await execa('nbdinfo', ['--size', uri], { reject: false, timeout: 30_000 });
+/** Whether `nbdinfo --size` can connect to the export at all; `via` as for HeldTransfer. */
+export async function isServed(uri: string, via: readonly string[] = []): Promise<boolean> {
+  const [program = 'nbdinfo', ...args] = [...via, 'nbdinfo', '--size', uri];
+  const result = await execa(program, args, { reject: false, timeout: 30_000 });
   return result.exitCode === 0;
 }
 
@@ -94,10 +95,12 @@ export class HeldTransfer {
   readonly #firstHalf: Promise<void>;
   #stderr = '';
 
-  constructor(file: string, uri: string, firstBytes: number) {
+  /** `via`: a command line nbdcopy runs under (a network namespace's `ip netns exec NAME`). */
+  constructor(file: string, uri: string, firstBytes: number, via: readonly string[] = []) {
     this.#file = file;
     this.#firstBytes = firstBytes;
-    this.#child = spawn('nbdcopy', ['--connections=1', '-', uri], { stdio: ['pipe', 'ignore', 'pipe'] });
+    const [program = 'nbdcopy', ...args] = [...via, 'nbdcopy', '--connections=1', '-', uri];
+    this.#child = spawn(program, args, { stdio: ['pipe', 'ignore', 'pipe'] });
     this.#child.stderr.on('data', (chunk: Buffer) => (this.#stderr += chunk.toString()));
     this.#exited = new Promise((resolve) => {
       this.#child.once('error', (error) => {

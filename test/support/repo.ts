@@ -51,6 +51,31 @@ export async function freePorts(count: number): Promise<number[]> {
   return ports;
 }
 
+/**
+ * `count` consecutive ports that nothing listens on now (for a controller's --dedicated-ports):
+ * a random base, tried until every port of the run binds on every address.
+ */
+export async function freePortRange(count: number): Promise<{ first: number; last: number }> {
+  const binds = (port: number) =>
+    new Promise<ReturnType<typeof createServer> | undefined>((resolve) => {
+      const server = createServer();
+      server.once('error', () => resolve(undefined));
+      server.listen(port, '0.0.0.0', () => resolve(server));
+    });
+  for (let attempt = 0; attempt < 50; attempt++) {
+    const first = 20_000 + Math.floor(Math.random() * 30_000);
+    const servers = [];
+    for (let port = first; port < first + count; port++) {
+      const server = await binds(port);
+      if (!server) break;
+      servers.push(server);
+    }
+    await Promise.all(servers.map((server) => new Promise((resolve) => server.close(resolve))));
+    if (servers.length === count) return { first, last: first + count - 1 };
+  }
+  throw new Error(`no ${count} consecutive free ports found in 50 attempts`);
+}
+
 /** The process exists and is not a zombie (a zombie still answers kill(pid, 0)). */
 export function isRunning(pid: number): boolean {
   try {

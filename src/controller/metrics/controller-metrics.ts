@@ -27,7 +27,13 @@ export interface ServerFigures {
     /** When this controller last started or restarted it; null when it has not. */
     lastRestartAt: Date | null;
   };
-  qemuStorageDaemon: { running: boolean };
+  qemuStorageDaemon: {
+    running: boolean;
+    /** Daemons of one export (exports with client rules): assigned, and of those connected now. */
+    dedicated: { assigned: number; running: number };
+  };
+  /** The node's firewall enforces client rules on exports' own ports (absent: false). */
+  clientFirewall?: boolean;
   /** Resources this node serves or cleans up (the ownership ledger). */
   ownedExports: number;
   /** Whether the state directory can hold the controller's state (absent: not checked). */
@@ -280,6 +286,24 @@ export class ControllerMetrics implements ReconcileRecorder {
       'nbdx_qemu_storage_daemon_up',
       'Whether qemu-storage-daemon runs and the controller is connected to its QMP socket',
       () => Number(sources.servers().qemuStorageDaemon.running),
+    );
+    gauge(
+      registers,
+      'nbdx_dedicated_qemu_daemons',
+      'qemu-storage-daemons of one export (an export with allowedClients or maxConnections) that the node has assigned a port',
+      () => sources.servers().qemuStorageDaemon.dedicated.assigned,
+    );
+    gauge(
+      registers,
+      'nbdx_dedicated_qemu_daemons_up',
+      'Of those, the ones that run with the controller connected to their QMP socket (one started again on demand counts once it answers)',
+      () => sources.servers().qemuStorageDaemon.dedicated.running,
+    );
+    gauge(
+      registers,
+      'nbdx_client_firewall_enabled',
+      "Whether the node's firewall enforces client rules on exports' own ports (run --client-firewall, and iptables usable)",
+      () => Number(sources.servers().clientFirewall ?? false),
     );
     this.#registerQemuIo(registers);
     gauge(

@@ -12,7 +12,7 @@ import { spawn } from 'node:child_process';
 import { access, mkdir, open, readFile, stat, unlink } from 'node:fs/promises';
 import { basename, join } from 'node:path';
 import type { Logger } from 'pino';
-import { fingerprintOf, type ExportConfig } from '../../api/export-config.js';
+import { differsOnlyInAccess, fingerprintOf, type ExportConfig } from '../../api/export-config.js';
 import { isLockError } from '../qemu-error.js';
 import { holdsQemuWriteLock } from '../qemu-img.js';
 import { formatNodeArguments, protocolNodeArguments } from './blockdev-arguments.js';
@@ -38,6 +38,14 @@ import { waitFor, waitUntil, WaitTimeoutError } from '../process/wait-until.js';
 export interface QemuStorageDaemonOptions {
   /** The controller's state directory; the daemon's files go to `<stateDir>/qemu-storage-daemon/`. */
   stateDir: string;
+  /** Where this daemon's files go instead (a daemon of one export: src/node/qemu-storage-daemon/qemu-export-fleet.ts). */
+  dir?: string;
+  /**
+   * Runs before a daemon is spawned (never before one is adopted); when it fails, nothing is
+   * spawned. A daemon of one export puts its port's firewall rules in force here, so that no
+   * daemon ever listens without them, whoever lifted them meanwhile.
+   */
+  beforeSpawn?: () => Promise<void>;
   /** Address the NBD server listens on. Default `0.0.0.0`. Applies when this instance starts the daemon. */
   listenAddress?: string;
   /** NBD port. Default 10810. Applies when this instance starts the daemon. */
@@ -114,6 +122,7 @@ export class QemuStorageDaemon {
   readonly #timeoutMs: number;
   readonly #glibcTunables: string;
   readonly #tlsDir: string | undefined;
+  readonly #beforeSpawn: (() => Promise<void>) | undefined;
 
   #qmp: QmpClient | undefined;
   #pid: number | undefined;
@@ -140,7 +149,7 @@ export class QemuStorageDaemon {
     const port = options.port ?? 10810;
     if (!Number.isInteger(port) || port < 1 || port > 65535)
       throw new TypeError(`port must be an integer between 1 and 65535, got ${port}`);
-    this.#dir = join(options.stateDir, 'qemu-storage-daemon');
+    this.#dir = options.dir ?? join(options.stateDir, 'qemu-storage-daemon');
     this.#socketPath = join(this.#dir, 'qmp.sock');
     if (Buffer.byteLength(this.#socketPath) > MAX_SOCKET_PATH)
       throw new TypeError(`stateDir is too long for a UNIX socket path: ${this.#socketPath}`);
@@ -149,11 +158,15 @@ export class QemuStorageDaemon {
     this.#stateFile = join(this.#dir, 'exports.json');
     this.#listenAddress = options.listenAddress ?? '0.0.0.0';
     this.#port = port;
-    this.#logger = options.logger.child({ server: 'qemu-storage-daemon' });
+    this.#logger = options.logger.child({
+      server: 'qemu-storage-daemon',
+      ...(options.dir === undefined ? {} : { daemonPort: port }),
+    });
     this.#binary = options.binary ?? 'qemu-storage-daemon';
     this.#timeoutMs = options.timeoutMs ?? 30_000;
     this.#glibcTunables = options.glibcTunables ?? DEFAULT_GLIBC_TUNABLES;
     this.#tlsDir = options.tlsDir;
+    this.#beforeSpawn = options.beforeSpawn;
   }
 
   /** Adopts the running daemon of this state directory, or starts one; then reconciles exports.json with it. */
@@ -300,6 +313,26 @@ export class QemuStorageDaemon {
         { id: ids.id, path: config.path, format: config.format, readOnly: config.readOnly },
         'export added',
       );
+    });
+  }
+
+  /**
+   * Records new client rules for a served export without touching what QEMU serves: the rules
+   * live outside the daemon (the node's firewall), and its clients keep their connections.
+   * Throws when the export is not served or the config differs in more than its rules.
+   */
+  updateAccess(config: ExportConfig): Promise<void> {
+    checkConfig(config);
+    return this.#serial(async () => {
+      const record = this.#records.get(config.exportName);
+      if (record?.state !== 'served')
+        throw new Error(`export "${config.exportName}" is not served; add it instead`);
+      if (!differsOnlyInAccess(record.config, config))
+        throw new Error(
+          `export "${config.exportName}" changed in more than its client rules; remove it first`,
+        );
+      this.#records.set(config.exportName, { ...record, fingerprint: fingerprintOf(config), config });
+      await this.#persist();
     });
   }
 
@@ -476,6 +509,7 @@ export class QemuStorageDaemon {
   }
 
   async #spawn(): Promise<{ qmp: QmpClient; pid: number }> {
+    await this.#beforeSpawn?.();
     await unlink(this.#socketPath).catch(() => undefined); // stale: its daemon is gone
     const logStart = await stat(this.#logFile).then(
       (s) => s.size,
@@ -781,10 +815,6 @@ async function fileExists(path: string): Promise<boolean> {
 function checkConfig(config: ExportConfig): void {
   if (config.server !== 'qemu-storage-daemon')
     throw new TypeError(`export "${config.exportName}" is for ${config.server}, not qemu-storage-daemon`);
-  if (config.allowedClients.length > 0)
-    throw new TypeError(
-      `export "${config.exportName}": qemu-storage-daemon cannot restrict clients (allowedClients: ${config.allowedClients.join(', ')})`,
-    );
   if (config.format !== 'qcow2' && config.format !== 'raw')
     throw new TypeError(`export "${config.exportName}": unknown format ${String(config.format)}`);
 }

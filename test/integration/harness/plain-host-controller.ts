@@ -13,7 +13,7 @@ import { execa } from 'execa';
 import { load } from 'js-yaml';
 import type { Condition, NbdExport } from '../../../src/api/types.js';
 import { waitFor } from '../../support/poll.js';
-import { freePorts, REPO_ROOT } from '../../support/repo.js';
+import { freePortRange, freePorts, REPO_ROOT } from '../../support/repo.js';
 
 export const MAIN_JS = join(REPO_ROOT, 'dist', 'main.js');
 
@@ -43,10 +43,13 @@ export class PlainHostNode {
   readonly nbdPort: number;
   readonly qemuPort: number;
   readonly healthPort: number;
+  /** For qemu-storage-daemons of one export (exports with client rules). */
+  readonly dedicatedPorts: { first: number; last: number };
   #process: ChildProcess | undefined;
   #starts = 0;
 
-  private constructor(root: string, ports: number[]) {
+  private constructor(root: string, ports: number[], dedicatedPorts: { first: number; last: number }) {
+    this.dedicatedPorts = dedicatedPorts;
     this.root = root;
     this.images = join(root, 'images');
     this.exportsDir = join(root, 'exports');
@@ -57,7 +60,11 @@ export class PlainHostNode {
 
   static async create(): Promise<PlainHostNode> {
     await ensureBuilt();
-    const node = new PlainHostNode(await mkdtemp(join(tmpdir(), 'nbdx-it-')), await freePorts(3));
+    const node = new PlainHostNode(
+      await mkdtemp(join(tmpdir(), 'nbdx-it-')),
+      await freePorts(3),
+      await freePortRange(4),
+    );
     await mkdir(node.images);
     await mkdir(node.exportsDir);
     return node;
@@ -83,6 +90,7 @@ export class PlainHostNode {
         '--listen-address=127.0.0.1',
         `--nbd-port=${this.nbdPort}`,
         `--qemu-port=${this.qemuPort}`,
+        `--dedicated-ports=${this.dedicatedPorts.first}-${this.dedicatedPorts.last}`,
         '--health-address=127.0.0.1',
         `--health-port=${this.healthPort}`,
         '--log-level=debug',

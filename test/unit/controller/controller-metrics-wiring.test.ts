@@ -69,7 +69,7 @@ describe('Controller → metrics', () => {
       workQueue: () => controller!.metrics(),
       servers: () => ({
         nbdServer: { running: true, restarts: 0, failing: false, loadedExports: 0, lastRestartAt: null },
-        qemuStorageDaemon: { running: true },
+        qemuStorageDaemon: { running: true, dedicated: { assigned: 0, running: 0 } },
         ownedExports: 0,
       }),
       exports: () => Promise.resolve([]),

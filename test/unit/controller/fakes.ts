@@ -75,6 +75,10 @@ export class FakeNode {
   nbdLoaded = new Map<string, string>();
   nbdApplies = 0;
   readonly qemuServed = new Map<string, ExportConfig>();
+  /** Ports of the exports served by a daemon of their own. */
+  readonly qemuPorts = new Map<string, number>();
+  /** updateAccess calls: a change of client rules alone. */
+  accessUpdates = 0;
   /** Export names whose qemu removal fails as busy (a client is connected). */
   readonly busy = new Set<string>();
   readonly created: CreateImageRequest[] = [];
@@ -142,19 +146,36 @@ export class FakeNode {
       qemu: {
         exports: () =>
           Promise.resolve(
-            new Map([...this.qemuServed].map(([n, c]) => [n, { fingerprint: fingerprintOf(c), config: c }])),
+            new Map(
+              [...this.qemuServed].map(([n, c]) => {
+                const port = this.qemuPorts.get(n);
+                return [
+                  n,
+                  { fingerprint: fingerprintOf(c), config: c, ...(port === undefined ? {} : { port }) },
+                ];
+              }),
+            ),
           ),
         addExport: (config) => {
           const lock = this.locks.get(config.path);
           if (lock) return Promise.reject(new ImageLockedError(config.path, lock));
           this.qemuServed.set(config.exportName, config);
+          if (config.dedicatedDaemon === true && !this.qemuPorts.has(config.exportName))
+            this.qemuPorts.set(config.exportName, 10900 + this.qemuPorts.size);
+          return Promise.resolve();
+        },
+        updateAccess: (config) => {
+          this.qemuServed.set(config.exportName, config);
+          this.accessUpdates++;
           return Promise.resolve();
         },
         removeExport: (name, { force }) => {
           if (this.busy.has(name) && !force) return Promise.reject(new ExportBusyError(name));
           this.qemuServed.delete(name);
+          this.qemuPorts.delete(name);
           return Promise.resolve();
         },
+        assigned: () => new Set(this.qemuPorts.keys()),
         status: () => ({ running: true }),
       },
       images: {

@@ -150,7 +150,7 @@ describe('planExport: converging', () => {
         allowedClients: [],
         clientCertificate: false,
         enforcedBy:
-          'nothing per export: qemu-storage-daemon serves any client that reaches its port; it cannot filter addresses or count clients per export',
+          "nothing per export: qemu-storage-daemon's shared port serves any client that reaches it (name allowedClients or maxConnections to give the export a port of its own under those rules)",
       },
     });
   });
@@ -930,5 +930,95 @@ describe('planExport: a block device that is not there', () => {
     });
     expect(ready(plan)?.reason).toBe('ImageNotFound');
     expect(plan.requeueAfterMs).toBe(15_000);
+  });
+});
+
+describe('planExport: client rules on qemu-storage-daemon', () => {
+  const rules = { allowedClients: ['10.30.0.0/16'], maxConnections: 2 };
+  const ownConfig: ExportConfig = { ...qcowConfig, ...rules, dedicatedDaemon: true };
+  const ownPrint = fingerprintOf(ownConfig);
+  const withFirewall: NodePolicy = { ...policy, clientFirewall: true };
+  const ownProbe = { fingerprint: ownPrint, ok: true, size: GiB, message: 'ok', ageMs: 0 };
+  /** Served by the export's own daemon on `port`, as `config` says. */
+  const servedOwn = (config: ExportConfig, port = 10903): ObservedExport => {
+    const serving: ServingObservation = {
+      server: 'qemu-storage-daemon',
+      exportName: 'backups.vm-1-full',
+      running: true,
+      served: fingerprintOf(config),
+      servedConfig: config,
+      port,
+    };
+    return converged({
+      desired: serving,
+      owned: serving,
+      probe: ownProbe,
+    });
+  };
+
+  it('without a firewall, an export with rules is refused as Unsupported, saying why', () => {
+    const plan = planExport({
+      resource: resource(rules),
+      observed: converged(),
+      policy: { ...policy, clientFirewall: 'iptables: not root' },
+    });
+    expect(ready(plan)).toMatchObject({ status: 'False', reason: 'Unsupported' });
+    expect(ready(plan)?.message).toContain('iptables: not root');
+    // What it served before is retired: nothing is served under rules that are not enforced.
+    expect(kinds(plan.actions)).toContain('removeQemuExport');
+  });
+
+  it('is served by a daemon of its own: no URI until it has a port, then that port, probed there', () => {
+    const unserved = planExport({
+      resource: resource(rules),
+      observed: converged({
+        desired: { server: 'qemu-storage-daemon', exportName: 'backups.vm-1-full', running: false },
+      }),
+      policy: withFirewall,
+    });
+    expect(unserved.fields.uri).toBeUndefined();
+    expect(unserved.actions).toContainEqual({ kind: 'addQemuExport', config: ownConfig });
+
+    const probing = planExport({
+      resource: resource(rules),
+      observed: servedOwn(ownConfig),
+      policy: withFirewall,
+    });
+    expect(probing.fields.uri).toBe('nbd://10.20.1.5:10903/backups.vm-1-full');
+    expect(probing.fields.access).toMatchObject({ ...rules, clientCertificate: false });
+    expect(probing.fields.access?.enforcedBy).toContain("the node's firewall");
+    expect(ready(probing)).toMatchObject({ status: 'True', reason: 'Served' });
+
+    const stale = planExport({
+      resource: resource(rules),
+      observed: { ...servedOwn(ownConfig), probe: { ...ownProbe, ageMs: 10 * 60_000 } },
+      policy: withFirewall,
+    });
+    expect(stale.actions).toContainEqual(expect.objectContaining({ kind: 'probe', port: 10903 }));
+  });
+
+  it('a change of client rules alone is applied in place; any other change serves the export anew', () => {
+    const before: ExportConfig = { ...ownConfig, allowedClients: ['10.40.0.0/16'], maxConnections: 1 };
+    const inPlace = planExport({
+      resource: resource(rules),
+      observed: servedOwn(before),
+      policy: withFirewall,
+    });
+    expect(inPlace.actions).toEqual([{ kind: 'updateQemuExportAccess', config: ownConfig }]);
+    expect(ready(inPlace)?.message).toMatch(/connected clients keep their connections/);
+
+    const readOnlyBefore: ExportConfig = { ...ownConfig, readOnly: true };
+    const anew = planExport({
+      resource: resource(rules),
+      observed: servedOwn(readOnlyBefore),
+      policy: withFirewall,
+    });
+    expect(kinds(anew.actions)).toEqual(['removeQemuExport', 'addQemuExport']);
+  });
+
+  it('an export without rules stays on the shared daemon and port', () => {
+    const plan = planExport({ resource: resource(), observed: converged(), policy: withFirewall });
+    expect(plan.fields.uri).toBe('nbd://10.20.1.5:10810/backups.vm-1-full');
+    expect(plan.fields.access?.maxConnections).toBeUndefined();
   });
 });

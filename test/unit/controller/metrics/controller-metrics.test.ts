@@ -72,7 +72,8 @@ function fakeSources(kube?: () => KubeExportStoreMetrics) {
         loadedExports: 2,
         lastRestartAt: null as Date | null,
       },
-      qemuStorageDaemon: { running: false },
+      qemuStorageDaemon: { running: false, dedicated: { assigned: 3, running: 2 } },
+      clientFirewall: true,
       ownedExports: 3,
     } as ServerFigures,
     exports: [] as ExportFigures[],
@@ -146,6 +147,9 @@ describe('ControllerMetrics', () => {
     expect(valueOf(exposition, 'nbdx_nbd_server_start_failing')).toBe(0);
     expect(valueOf(exposition, 'nbdx_nbd_server_loaded_exports')).toBe(2);
     expect(valueOf(exposition, 'nbdx_qemu_storage_daemon_up')).toBe(0);
+    expect(valueOf(exposition, 'nbdx_dedicated_qemu_daemons')).toBe(3);
+    expect(valueOf(exposition, 'nbdx_dedicated_qemu_daemons_up')).toBe(2);
+    expect(valueOf(exposition, 'nbdx_client_firewall_enabled')).toBe(1);
     expect(valueOf(exposition, 'nbdx_owned_exports')).toBe(3);
     expect(samplesOf(exposition, 'nbdx_nbd_server_last_restart_timestamp_seconds')).toEqual([]);
 
