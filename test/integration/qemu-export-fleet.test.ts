@@ -5,7 +5,7 @@
  * before the daemon listens and lifted only after it quit, and a restarted fleet puts the
  * recorded rules back before it adopts the daemons.
  */
-import { mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { mkdtemp, readdir, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { execa } from 'execa';
@@ -135,6 +135,18 @@ describe('QemuExportFleet', () => {
     expect(restartedFirewall.applied.at(-1)?.listening).not.toContain(dedicatedPorts.first);
     expect(restarted.assigned().size).toBe(0);
     await restarted.stop();
+  });
+
+  it('looks at what is served, racing a removal, never start the removed daemon again', async () => {
+    const { stateDir, fleet } = await servingOwn('race');
+    const port = (await fleet.exports()).get('own')?.port ?? NaN;
+    // Each look reaches the export's daemon after the removal has queued its stop there.
+    const looks = Array.from({ length: 4 }, () => fleet.exports());
+    await fleet.removeExport('own', { force: true });
+    for (const look of await Promise.all(looks)) expect(look.has('own')).toBe(false);
+    const listening = (await readTcpSockets()).filter((s) => s.state === TCP_LISTEN).map((s) => s.local.port);
+    expect(listening).not.toContain(port);
+    expect(await readdir(join(stateDir, 'qemu-storage-daemon-dedicated'))).toEqual([]);
   });
 
   it('a change of rules alone keeps the port, the daemon and its clients', async () => {

@@ -19,3 +19,11 @@ export class ExportBusyError extends Error {
     this.exportName = exportName;
   }
 }
+
+/** The daemon was retired (its export removed): nothing starts it again. */
+export class DaemonRetiredError extends Error {
+  override name = 'DaemonRetiredError';
+  constructor(dir: string) {
+    super(`the qemu-storage-daemon of ${dir} was retired with its export; it is not started again`);
+  }
+}

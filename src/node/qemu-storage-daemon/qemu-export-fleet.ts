@@ -22,6 +22,7 @@ import { readFileIfPresent } from '../../shared/read-file-if-present.js';
 import { SerialLock } from '../../shared/serial-lock.js';
 import type { PortClientRule } from '../firewall/client-rules.js';
 import { readTcpSockets, TCP_LISTEN } from '../process/proc-net-tcp.js';
+import { DaemonRetiredError } from './errors.js';
 import { QemuStorageDaemon, type QemuStorageDaemonOptions } from './qemu-storage-daemon.js';
 
 /** Enforces client rules per TCP port (src/node/firewall/host-firewall.ts); every call replaces the whole set. */
@@ -135,6 +136,7 @@ export class QemuExportFleet {
     const served = new Map<string, FleetExport>(await this.shared.exports());
     for (const [name, { assignment, daemon }] of this.#dedicated) {
       const own = await daemon.exports().catch((error: unknown) => {
+        if (error instanceof DaemonRetiredError) return undefined; // released meanwhile
         this.#logger.warn(
           { export: name, port: assignment.port, err: error },
           "an export's own qemu-storage-daemon does not answer",
@@ -188,7 +190,8 @@ export class QemuExportFleet {
     // Quitting its daemon is what a forced removal is (and needs no daemon started first, nor
     // its rules); only a gentle one asks the daemon whether a client is connected.
     if (!options.force) await dedicated.daemon.removeExport(exportName, options);
-    await dedicated.daemon.stop();
+    // Retired, not just stopped: a look at what it serves, already on its way, would start it again.
+    await dedicated.daemon.retire();
     await this.#lock.run(async () => {
       if (this.#dedicated.get(exportName) !== dedicated) return; // assigned anew meanwhile
       this.#dedicated.delete(exportName);

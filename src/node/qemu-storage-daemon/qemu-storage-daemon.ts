@@ -16,7 +16,7 @@ import { differsOnlyInAccess, fingerprintOf, type ExportConfig } from '../../api
 import { isLockError } from '../qemu-error.js';
 import { holdsQemuWriteLock } from '../qemu-img.js';
 import { formatNodeArguments, protocolNodeArguments } from './blockdev-arguments.js';
-import { ExportBusyError, ImageLockedError } from './errors.js';
+import { DaemonRetiredError, ExportBusyError, ImageLockedError } from './errors.js';
 import {
   exportIdsOf,
   nodesToDelete,
@@ -140,6 +140,8 @@ export class QemuStorageDaemon {
   #unclaimedPaths = new Set<string>();
   /** exports.json was missing or corrupt when last read: live exports are adopted, not removed. */
   #recordsLost = false;
+  /** Stopped for good (retire()): nothing may start it again. */
+  #retired = false;
   /** Serialises everything that talks to the daemon or the state file. */
   readonly #lock = new SerialLock();
 
@@ -400,32 +402,47 @@ export class QemuStorageDaemon {
 
   /** Quits the daemon, cutting every client: for tests and an explicit shutdown only. */
   stop(): Promise<void> {
+    return this.#serial(() => this.#stopNow());
+  }
+
+  /**
+   * Stops the daemon for good: like stop(), and any later call that would start it again
+   * fails instead (DaemonRetiredError). A daemon of one export is retired with its export: a
+   * call queued behind the stop (a look at what it serves) must not bring it back on a port
+   * whose rules are gone. One serial section, so nothing queued after it sees it unretired.
+   */
+  retire(): Promise<void> {
     return this.#serial(async () => {
-      const connected = this.#qmp && !this.#qmp.closed ? this.#qmp : undefined;
-      this.#qmp = undefined;
-      const pid = await this.#runningDaemon();
-      if (pid !== undefined && connected === undefined && !(await socketExists(this.#socketPath))) {
-        // Its QMP socket is gone (the state directory was deleted): a signal is all it hears.
-        await this.#terminate(pid);
-      } else if (pid !== undefined) {
-        const qmp = connected ?? (await QmpClient.connect(this.#socketPath, { timeoutMs: this.#timeoutMs }));
-        await qmp.execute('quit', undefined, { timeoutMs: this.#timeoutMs }).catch(() => undefined);
-        qmp.close();
-        await waitUntil(() => !isRunning(pid), {
-          timeoutMs: this.#timeoutMs,
-          what: `qemu-storage-daemon (pid ${pid}) to exit`,
-        });
-      }
-      connected?.close();
-      this.#records.clear();
-      await this.#persist().catch((error: unknown) => {
-        if ((error as NodeJS.ErrnoException).code !== 'ENOENT') throw error; // never started here
-      });
-      this.#logger.info(
-        { pid },
-        pid === undefined ? 'qemu-storage-daemon was not running' : 'qemu-storage-daemon stopped',
-      );
+      this.#retired = true;
+      await this.#stopNow();
     });
+  }
+
+  async #stopNow(): Promise<void> {
+    const connected = this.#qmp && !this.#qmp.closed ? this.#qmp : undefined;
+    this.#qmp = undefined;
+    const pid = await this.#runningDaemon();
+    if (pid !== undefined && connected === undefined && !(await socketExists(this.#socketPath))) {
+      // Its QMP socket is gone (the state directory was deleted): a signal is all it hears.
+      await this.#terminate(pid);
+    } else if (pid !== undefined) {
+      const qmp = connected ?? (await QmpClient.connect(this.#socketPath, { timeoutMs: this.#timeoutMs }));
+      await qmp.execute('quit', undefined, { timeoutMs: this.#timeoutMs }).catch(() => undefined);
+      qmp.close();
+      await waitUntil(() => !isRunning(pid), {
+        timeoutMs: this.#timeoutMs,
+        what: `qemu-storage-daemon (pid ${pid}) to exit`,
+      });
+    }
+    connected?.close();
+    this.#records.clear();
+    await this.#persist().catch((error: unknown) => {
+      if ((error as NodeJS.ErrnoException).code !== 'ENOENT') throw error; // never started here
+    });
+    this.#logger.info(
+      { pid },
+      pid === undefined ? 'qemu-storage-daemon was not running' : 'qemu-storage-daemon stopped',
+    );
   }
 
   /** Whether an adopted daemon has our TLS credentials object (it was started with --tls-dir). */
@@ -447,6 +464,7 @@ export class QemuStorageDaemon {
   /** The QMP connection; adopts or restarts the daemon when it was lost (it died, or was never started). */
   async #connected(): Promise<QmpClient> {
     if (this.#qmp && !this.#qmp.closed) return this.#qmp;
+    if (this.#retired) throw new DaemonRetiredError(this.#dir);
     if (this.#pid !== undefined)
       this.#logger.warn({ pid: this.#pid }, 'lost the qemu-storage-daemon; starting it again');
     await this.#start();
