@@ -37,11 +37,6 @@ export interface ExportConfig {
   dedicatedDaemon?: true;
 }
 
-/** The client rules of an export: what can change without its server opening anything anew. */
-export function accessOf(config: ExportConfig): { allowedClients: string[]; maxConnections: number } {
-  return { allowedClients: [...config.allowedClients].sort(), maxConnections: config.maxConnections };
-}
-
 /** Whether two configs of an export differ in nothing but their client rules. */
 export function differsOnlyInAccess(a: ExportConfig, b: ExportConfig): boolean {
   const neutral = { allowedClients: [], maxConnections: 0 };
