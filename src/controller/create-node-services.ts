@@ -103,12 +103,13 @@ export async function createNodeServices(options: NodeServicesOptions): Promise<
     ...tls,
   });
   const clientFirewall = await startClientFirewall(options, logger);
+  const firewall = clientFirewall instanceof HostFirewall ? clientFirewall : undefined;
   const qemu = new QemuExportFleet({
     stateDir,
     listenAddress: options.listenAddress,
     port: options.qemuPort,
     dedicatedPorts: options.dedicatedPorts,
-    firewall: clientFirewall instanceof HostFirewall ? clientFirewall : undefined,
+    firewall,
     logger,
     ...tls,
   });
@@ -125,7 +126,7 @@ export async function createNodeServices(options: NodeServicesOptions): Promise<
     ...(clientIdentity === undefined ? {} : { tlsCertificatesDir: clientIdentity.certificatesDir }),
   });
   return {
-    clientFirewall: clientFirewall instanceof HostFirewall ? true : clientFirewall,
+    clientFirewall: typeof clientFirewall === 'string' ? clientFirewall : true,
     ledger,
     nbdServer,
     qemu,
@@ -190,7 +191,7 @@ export async function createNodeServices(options: NodeServicesOptions): Promise<
           lastRestartAt: nbd.lastRestartAt,
         },
         qemuStorageDaemon: { running: qemu.status().running, dedicated: qemu.dedicatedDaemons() },
-        clientFirewall: clientFirewall instanceof HostFirewall,
+        clientFirewall: firewall !== undefined,
         ownedExports: ledger.all().length,
         stateDirectory: {
           condition: stateDirectory.condition(),

@@ -14,7 +14,11 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { ExportConfig } from '../../src/api/export-config.js';
 import { fingerprintOf } from '../../src/api/export-config.js';
 import { createImage } from '../../src/node/qemu-img.js';
-import { ExportBusyError, ImageLockedError } from '../../src/node/qemu-storage-daemon/errors.js';
+import {
+  DaemonRetiredError,
+  ExportBusyError,
+  ImageLockedError,
+} from '../../src/node/qemu-storage-daemon/errors.js';
 import { exportIdsOf } from '../../src/node/qemu-storage-daemon/export-state.js';
 import { QemuStorageDaemon } from '../../src/node/qemu-storage-daemon/qemu-storage-daemon.js';
 import { QmpClient } from '../../src/node/qemu-storage-daemon/qmp-client.js';
@@ -388,5 +392,29 @@ describe('QemuStorageDaemon recovery', () => {
     // Stopping what does not run (`stop-servers` on a node without a daemon) is fine.
     await second.stop();
     await new QemuStorageDaemon({ ...options, stateDir: join(dir, 'never-started') }).stop();
+  });
+
+  it('a stopped daemon starts again as stopped, not lost; a retired one is started again by nothing', async () => {
+    const messages: string[] = [];
+    const captured = pino({ level: 'info' }, { write: (line: string) => void messages.push(line) });
+    const retiring = new QemuStorageDaemon({
+      stateDir: join(dir, 'retiring'),
+      listenAddress: '127.0.0.1',
+      port: await freePort(),
+      logger: captured,
+    });
+    cleanups.unshift(() => retiring.stop());
+    await retiring.start();
+    await retiring.stop();
+    expect(retiring.status()).toEqual({ running: false, adopted: false, starts: 1 });
+
+    expect((await retiring.exports()).size).toBe(0); // a call that needs it starts it again
+    expect(retiring.status()).toMatchObject({ running: true, starts: 2 });
+    expect(messages.filter((line) => line.includes('lost the qemu-storage-daemon'))).toEqual([]);
+
+    await retiring.retire();
+    await expect(retiring.start()).rejects.toBeInstanceOf(DaemonRetiredError);
+    await expect(retiring.exports()).rejects.toBeInstanceOf(DaemonRetiredError);
+    expect(retiring.status()).toEqual({ running: false, adopted: false, starts: 2 });
   });
 });

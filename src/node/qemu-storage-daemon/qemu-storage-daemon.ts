@@ -435,6 +435,8 @@ export class QemuStorageDaemon {
       });
     }
     connected?.close();
+    // Forgotten: a call that starts it again later starts a stopped daemon, not a lost one.
+    this.#pid = undefined;
     this.#records.clear();
     await this.#persist().catch((error: unknown) => {
       if ((error as NodeJS.ErrnoException).code !== 'ENOENT') throw error; // never started here
@@ -464,7 +466,6 @@ export class QemuStorageDaemon {
   /** The QMP connection; adopts or restarts the daemon when it was lost (it died, or was never started). */
   async #connected(): Promise<QmpClient> {
     if (this.#qmp && !this.#qmp.closed) return this.#qmp;
-    if (this.#retired) throw new DaemonRetiredError(this.#dir);
     if (this.#pid !== undefined)
       this.#logger.warn({ pid: this.#pid }, 'lost the qemu-storage-daemon; starting it again');
     await this.#start();
@@ -473,6 +474,7 @@ export class QemuStorageDaemon {
   }
 
   async #start(): Promise<void> {
+    if (this.#retired) throw new DaemonRetiredError(this.#dir);
     await mkdir(this.#dir, { recursive: true, mode: 0o700 });
     // A controller killed mid-write leaves the temporary of exports.json behind.
     await removeTemporaryFiles(this.#dir);
